@@ -1,0 +1,45 @@
+"""Celery configuration for docpipe: one queue per provider, JSON only, late acks.
+
+Why these settings:
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies is delivered
+  again instead of lost; every stage is idempotent, so running twice is harmless.
+- ``worker_prefetch_multiplier = 1``: a worker holds one message beyond the one it runs, so a
+  stalled worker strands little and the per-provider queues stay fair.
+- ``visibility_timeout`` (DOCPIPE_VISIBILITY_TIMEOUT): how long Redis waits for an ack before
+  re-delivering; a worker killed with -9 gets its tasks back after it. A task that waits with a
+  countdown holds its message unacked, so the tasks keep every countdown under a third of it
+  (a longer wait re-schedules again) and no message is re-delivered while its worker still has it.
+- events on, so Flower sees every task; task names are ``docpipe.<provider>.<stage>``.
+"""
+
+from kombu import Queue
+
+from pipeline.config import get_settings
+from pipeline.providers import provider_names
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout,
+    "socket_keepalive": True,
+    "retry_on_timeout": True,
+}
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+task_queues = [Queue(f"docpipe.{name}") for name in provider_names()]
+task_routes = {f"docpipe.{name}.*": {"queue": f"docpipe.{name}"} for name in provider_names()}
+task_default_queue = f"docpipe.{provider_names()[0]}"
+
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = True

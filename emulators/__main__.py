@@ -1,0 +1,36 @@
+"""``python -m emulators <provider> --port N [--config JSON] [--set key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import import_module
+
+import uvicorn
+
+from emulators import EMULATORS
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m emulators", description=__doc__)
+    parser.add_argument("provider", choices=EMULATORS)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config", default="{}", help="JSON object of settings (see the emulator's Config)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one setting; VALUE is JSON or text")
+    args = parser.parse_args(argv)
+
+    module = import_module(f"emulators.{args.provider}")
+    settings = json.loads(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    app = module.create_app(module.Config.model_validate(settings))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""A whole docpipe stack as local processes: redis-server, an S3 server (moto), the provider
+emulators, Celery workers and Flower, on free ports.
+
+The demo, the end-to-end tests and the benchmarks all run on this, so what they prove
+is what a deployment does: real processes talking over real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEMO_BAIDU_KEY = "demo-api-key"
+DEMO_BAIDU_SECRET = "demo-secret-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - anything means "not yet"
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f" (last error: {last})" if last else ""))
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=1.0).status_code < 500
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        """kill -9, no goodbye: what a crashed machine does."""
+        self.stop(signal.SIGKILL)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    emulator_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)  # extra DOCPIPE_* for every process
+    procs: dict[str, Proc] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for service in ("redis", "s3", "flower"):
+            self.ports.setdefault(service, free_port())
+
+    # -- environment -------------------------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The DOCPIPE_* settings that point a process at this stack."""
+        env = {
+            "DOCPIPE_REDIS_URL": f"redis://127.0.0.1:{self.ports['redis']}/0",
+            "DOCPIPE_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['s3']}",
+            "DOCPIPE_AWS_ACCESS_KEY_ID": "testing",
+            "DOCPIPE_AWS_SECRET_ACCESS_KEY": "testing",
+            "DOCPIPE_STAGING_BUCKET": "docpipe-staging",
+            "DOCPIPE_RESULTS_BUCKET": "docpipe-results",
+        }
+        if "baidu" in self.ports:
+            env.update(
+                DOCPIPE_BAIDU_BASE_URL=f"http://127.0.0.1:{self.ports['baidu']}",
+                DOCPIPE_BAIDU_API_KEY=DEMO_BAIDU_KEY,
+                DOCPIPE_BAIDU_SECRET_KEY=DEMO_BAIDU_SECRET,
+            )
+        env.update(self.settings)
+        return env
+
+    def activate(self) -> None:
+        """Point this process at the stack (the enqueueing side of tests, demo and benchmarks)."""
+        from pipeline.providers import get_provider
+        from pipeline.runtime import reset_runtime
+        from pipeline.storage import _client
+
+        os.environ.update(self.env)
+        reset_runtime()
+        get_provider.cache_clear()
+        _client.cache_clear()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        full_env = {**os.environ, **self.env, **(env or {})}
+        popen = subprocess.Popen(
+            argv,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(Path(__file__).resolve().parent.parent),
+            start_new_session=True,  # its own process group: stop() takes its children too
+        )
+        proc = Proc(name, popen, log)
+        self.procs[name] = proc
+        return proc
+
+    def _ready(self, proc: Proc, check, timeout: float, what: str) -> None:
+        def alive_and_ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{what} exited early:\n{proc.tail()}")
+            return check()
+
+        try:
+            wait_until(alive_and_ready, timeout, what)
+        except RuntimeError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    # -- the services ------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server; `make` does it for you)")
+        port = self.ports.setdefault("redis", free_port())
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        proc = self._spawn(
+            "redis",
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"],
+        )
+        import redis
+
+        self._ready(proc, lambda: redis.Redis(port=port).ping(), 20, "redis-server")
+
+    def restart_redis(self, hard: bool = True) -> None:
+        """Kill (-9 when ``hard``) and start Redis again on the same port and data directory."""
+        proc = self.procs.pop("redis")
+        proc.kill() if hard else proc.stop()
+        self.start_redis()
+
+    def start_s3(self) -> None:
+        port = self.ports.setdefault("s3", free_port())
+        proc = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
+        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/moto-api/"), 30, "moto S3 server")
+
+    def start_emulator(self, provider: str, config: dict[str, Any] | None = None) -> None:
+        port = self.ports.setdefault(provider, free_port())
+        merged = {**self.emulator_config.get(provider, {}), **(config or {})}
+        proc = self._spawn(
+            f"emulator-{provider}",
+            [sys.executable, "-m", "emulators", provider, "--port", str(port), "--config", json.dumps(merged)],
+        )
+        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/_emulator/health"), 20, f"{provider} emulator")
+
+    def emulator_url(self, provider: str) -> str:
+        return f"http://127.0.0.1:{self.ports[provider]}"
+
+    def start_worker(
+        self,
+        name: str,
+        queues: Iterable[str],
+        *,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> Proc:
+        argv = [
+            sys.executable, "-m", "celery", "-A", "workers", "worker",
+            "-Q", ",".join(queues), "-n", f"{name}@%h", "-c", str(concurrency), "-P", pool,
+            "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle",
+        ]
+        proc = self._spawn(f"worker-{name}", argv, env)
+        if wait:
+            self.wait_workers([name])
+        return proc
+
+    def wait_workers(self, names: list[str], timeout: float = 60) -> None:
+        from workers.app import app
+
+        app.conf.broker_url = self.env["DOCPIPE_REDIS_URL"]
+
+        def all_answer() -> bool:
+            for n in names:
+                if not self.procs[f"worker-{n}"].alive():
+                    raise RuntimeError(f"worker {n} exited:\n{self.procs[f'worker-{n}'].tail()}")
+            hostnames = {f"{n}@{socket.gethostname()}" for n in names}
+            replies = app.control.ping(destination=list(hostnames), timeout=1.0)
+            answered = {host for reply in replies for host in reply}
+            return hostnames <= answered
+
+        wait_until(all_answer, timeout, f"workers {names}", interval=0.5)
+
+    def start_flower(self) -> None:
+        port = self.ports.setdefault("flower", free_port())
+        proc = self._spawn(
+            "flower",
+            [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
+        )
+        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/"), 40, "Flower")
+
+    @property
+    def flower_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.ports['flower']}" if "flower" in self.procs else None
+
+    def start_base(self, providers: Iterable[str] = ("baidu",)) -> None:
+        """Redis, S3 with its buckets, and one emulator per provider."""
+        self.start_redis()
+        self.start_s3()
+        for provider in providers:
+            self.start_emulator(provider)
+        self.activate()
+        from pipeline.storage import ensure_buckets
+
+        ensure_buckets()
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+        self.procs.clear()
+
+    def __enter__(self) -> LocalStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

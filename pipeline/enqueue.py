@@ -1,0 +1,127 @@
+"""Programmatic use: ``enqueue(source, provider=...)`` returns a handle to wait on.
+
+A local file is streamed into the staging bucket here, on the caller's machine, because
+the workers may run anywhere; an ``s3://`` source is read where it is. The job id is
+derived from provider, source, content and options, so enqueueing the same document
+twice is one job, and a document already archived is not sent again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import chain
+
+from pipeline import jobs, storage
+from pipeline.models import Job, JobError, NormalizedResult
+from pipeline.providers import provider_class
+from pipeline.runtime import get_runtime
+from pipeline.stages import STAGES
+
+
+class DocumentFailedError(RuntimeError):
+    """Raised by ``JobHandle.wait`` when the document ended with an ``error.json``."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(f"{error.provider}/{error.job_id} ({error.source}) failed at {error.stage}: {error.message}")
+        self.error = error
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    job_id: str
+    provider: str
+    source: str
+    skipped: bool = False  # already archived when enqueued: nothing was sent
+
+    @property
+    def archive_uri(self) -> str:
+        return storage.archive_uri(self.provider, self.job_id)
+
+    def state(self) -> str | None:
+        """``queued``/``staged``/``submitted``/``fetched``/``done``/``failed``, from the Redis record."""
+        return jobs.read(get_runtime().redis, self.job_id).get("state")
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.25) -> NormalizedResult:
+        """Block until the document is archived; return its result or raise ``DocumentFailedError``."""
+        deadline = time.monotonic() + timeout
+        checks = 0
+        while True:
+            state = self.state()
+            # The Redis record is the cheap signal; the archive is the truth (and survives a Redis restart).
+            if state in ("done", "failed") or checks % 20 == 0:
+                final = storage.finished(self.provider, self.job_id)
+                if final == "result.json":
+                    return NormalizedResult.model_validate(storage.get_json(storage.archive_prefix(self.provider, self.job_id) + final))
+                if final == "error.json":
+                    raise DocumentFailedError(
+                        JobError.model_validate(storage.get_json(storage.archive_prefix(self.provider, self.job_id) + final))
+                    )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.provider}/{self.job_id} ({self.source}) not finished after {timeout:.0f}s (state {state})")
+            checks += 1
+            time.sleep(interval)
+
+
+def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = None) -> Job:
+    """Make the job for a source: its id, and where the workers will read its bytes."""
+    provider_class(provider)  # unknown provider: fail here, not in a worker
+    options = dict(options or {})
+    source_str = str(source)
+    if source_str.startswith("s3://"):
+        bucket, key = storage.parse_s3_uri(source_str)
+        meta = storage.head(bucket, key)
+        if meta is None:
+            raise FileNotFoundError(f"{source_str}: no such object")
+        content_id = str(meta.get("ETag", "")).strip('"')
+        job_id = jobs.make_job_id(provider, source_str, content_id, options)
+        return Job(job_id=job_id, provider=provider, source=source_str, location=source_str, options=options)
+    path = Path(source_str).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    job_id = jobs.make_job_id(provider, str(path), storage.sha256_file(path), options)
+    settings = get_runtime().settings
+    key = f"{provider}/{job_id}/{path.name}"
+    if storage.head(settings.staging_bucket, key) is None:
+        storage.upload_file(path, settings.staging_bucket, key)
+    return Job(job_id=job_id, provider=provider, source=str(path), location=f"s3://{settings.staging_bucket}/{key}", options=options)
+
+
+def signature_for(job: Job) -> chain:
+    """The Celery chain stage → submit → await → fetch → archive, routed to the provider's queue."""
+    from workers.app import app  # the app is only needed to send; keep pipeline importable without it
+
+    first, *rest = [app.signature(f"docpipe.{job.provider}.{name}") for name in STAGES]
+    return chain(first.clone(args=(job.model_dump(mode="json"),)), *rest)
+
+
+def enqueue(
+    source: str | Path,
+    provider: str = "baidu",
+    options: dict[str, Any] | None = None,
+    *,
+    retry_failed: bool = False,
+) -> JobHandle:
+    """Send one document down its provider's chain; return a handle whose ``wait()`` gives the result.
+
+    Already archived: nothing is sent and the handle answers at once. With ``retry_failed``
+    a document whose archive holds an ``error.json`` is sent again.
+    """
+    job = prepare(source, provider, options)
+    rt = get_runtime()
+    final = storage.finished(provider, job.job_id)
+    if final == "result.json" or (final == "error.json" and not retry_failed):
+        return JobHandle(job.job_id, provider, job.source, skipped=True)
+    if final == "error.json":
+        storage.s3_client().delete_object(
+            Bucket=rt.settings.results_bucket, Key=storage.archive_prefix(provider, job.job_id) + "error.json"
+        )
+        jobs.forget(rt.redis, job.job_id)
+    elif jobs.in_flight(rt.redis, job.job_id, stale_after=rt.settings.job_deadline):
+        return JobHandle(job.job_id, provider, job.source)  # its chain is still running: one chain per job
+    jobs.record(rt.redis, job.job_id, state="queued", stage="queued", provider=provider, source=job.source)
+    signature_for(job).apply_async()
+    return JobHandle(job.job_id, provider, job.source)

@@ -1,0 +1,81 @@
+"""Global rate limits: one GCRA per provider endpoint, kept in Redis, shared by every process.
+
+Why GCRA in one Lua script rather than a per-worker bucket: the script runs atomically
+in Redis and reads Redis' own clock, so any number of workers on any number of machines
+see one schedule, and a caller that is refused learns exactly how long to wait. The
+limiter never lends tokens early; a refused caller takes nothing.
+
+The state per key is one number, the theoretical arrival time (TAT) in microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from pipeline.errors import RateWait
+
+# KEYS[1] = limiter key; ARGV[1] = emission interval (µs); ARGV[2] = burst (tokens).
+# Returns {wait, now}: wait is 0 when a token was taken, else the microseconds until one may
+# be; now is Redis' clock (µs), so callers can tell exactly when their token was granted.
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allow_at = tat - tolerance
+if now < allow_at then
+  return {allow_at - now, now}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {0, now}
+"""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` requests per ``per`` seconds, as a provider documents it; ``burst`` extra are never assumed."""
+
+    count: float
+    per: float = 1.0
+    burst: int = 1
+
+    def interval(self, safety: float = 1.0) -> float:
+        """Seconds between two tokens; ``safety`` < 1 spaces them a little wider than documented."""
+        return self.per / (self.count * safety)
+
+
+class RateLimiter:
+    """Takes tokens from Redis-held GCRA schedules, one schedule per key."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:rate", safety: float = 1.0) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._safety = safety
+        self._script = client.register_script(_GCRA_LUA)
+
+    def try_acquire(self, key: str, rate: Rate) -> tuple[float, float]:
+        """Take a token if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
+        interval_us = max(1, int(rate.interval(self._safety) * 1_000_000))
+        wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[interval_us, rate.burst])
+        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+
+    def acquire(self, key: str, rate: Rate, *, max_wait: float) -> float:
+        """Block until a token is taken, sleeping at most ``max_wait`` in all; return when (Redis clock).
+
+        When the next token is further away than what is left of ``max_wait``, raise
+        ``RateWait`` so that the caller re-schedules instead of holding its worker.
+        """
+        deadline = time.monotonic() + max_wait
+        while True:
+            wait, now = self.try_acquire(key, rate)
+            if wait <= 0:
+                return now
+            if time.monotonic() + wait > deadline:
+                raise RateWait(key, wait)
+            time.sleep(wait)

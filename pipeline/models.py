@@ -1,0 +1,118 @@
+"""The models every provider shares: the job that travels down the chain, the
+normalized result that lands in ``result.json``, and the error that lands in ``error.json``.
+
+The job is what Celery carries between tasks (JSON, visible in Flower), so it holds
+identifiers and facts about the document, never a secret and never a presigned URL.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class DocumentInfo(BaseModel):
+    """What ``stage`` learned about the bytes, without trusting the file name."""
+
+    bucket: str
+    key: str
+    filename: str
+    size: int
+    format: str  # pdf, png, jpeg, bmp, ofd, ...
+    etag: str | None = None
+    pages: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class Job(BaseModel):
+    """One document's journey; each task returns an updated copy for the next one."""
+
+    job_id: str
+    provider: str
+    source: str  # what the user gave: a local path or an s3:// URI
+    location: str  # s3:// URI of the bytes the workers read (the staging copy of a local file)
+    options: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+    document: DocumentInfo | None = None
+    provider_task_id: str | None = None
+    submitted_at: float | None = None
+    polls: int = 0
+    attempts: int = 0  # transient failures of the current stage so far
+
+    def label(self) -> str:
+        """How log lines and errors name the document."""
+        return f"{self.provider}/{self.job_id} ({self.source})"
+
+
+class ExtractedField(BaseModel):
+    """One extracted field. ``group``/``row`` place combo/table fields (baidu combo_key, idp relation groups)."""
+
+    name: str
+    value: str
+    confidence: float | None = None
+    page: int | None = None
+    box: list[list[float]] | None = None
+    group: str | None = None
+    row: int | None = None
+
+
+class PageText(BaseModel):
+    number: int
+    text: str
+
+
+class Moderation(BaseModel):
+    suggestion: Literal["pass", "reject", "review"]
+    risk_types: list[str] = Field(default_factory=list)
+    pages: list[int] = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list)
+
+
+class NormalizedResult(BaseModel):
+    """The one result shape every provider fills: fields, page texts, moderation verdict."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    provider: str
+    source: str
+    document: DocumentInfo
+    provider_task_id: str | None = None
+    status: Literal["succeeded"] = "succeeded"
+    doc_type: str | None = None
+    fields: list[ExtractedField] = Field(default_factory=list)
+    pages: list[PageText] = Field(default_factory=list)
+    moderation: Moderation | None = None
+    artifacts: list[str] = Field(default_factory=list)
+    submitted_at: datetime | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+    def field(self, name: str) -> str | None:
+        """First value of a field by name, for the common case of one value per key."""
+        return next((f.value for f in self.fields if f.name == name), None)
+
+
+class JobError(BaseModel):
+    """What ``error.json`` says: which stage, which code, and whether retrying could help."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    provider: str
+    source: str
+    stage: Literal["stage", "submit", "await", "fetch", "archive"]
+    code: str
+    message: str
+    retryable: bool
+    provider_code: str | None = None
+    provider_message: str | None = None
+    provider_task_id: str | None = None
+    failed_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,227 @@
+"""The five stages of a document, as plain functions of a ``Job``.
+
+Each is idempotent, because late acks mean any of them may run twice after a crash:
+``stage`` only reads, ``submit`` remembers the provider's task id before returning,
+``fetch`` writes to a work area keyed by job id, and ``archive`` commits with a
+conditional write of ``result.json`` that only the first writer wins.
+Celery lives in ``workers/``; nothing here needs a broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+from pipeline import jobs, sniff, storage
+from pipeline.config import get_settings
+from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError
+from pipeline.models import DocumentInfo, Job, JobError
+from pipeline.polling import PollPolicy
+from pipeline.providers import get_provider
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage", "submit", "await", "fetch", "archive")
+
+
+def work_prefix(job: Job) -> str:
+    """Where ``fetch`` leaves what ``archive`` commits (in the staging bucket)."""
+    return f"_work/{job.provider}/{job.job_id}/"
+
+
+# --- stage ---------------------------------------------------------------------------------
+
+
+def stage(job: Job) -> Job:
+    """Learn what the document really is and refuse it here, before any provider request."""
+    bucket, key = storage.parse_s3_uri(job.location)
+    meta = storage.head(bucket, key)
+    if meta is None:
+        raise BadInput(f"{job.label()}: the document is not in s3://{bucket}/{key}", code="not_found")
+    size = int(meta["ContentLength"])
+    if size == 0:
+        raise BadInput(f"{job.label()}: the document is empty (0 bytes)", code="empty")
+    head = storage.read_range(bucket, key, 0, sniff.HEAD_BYTES - 1)
+    fmt = sniff.sniff_format(head)
+    if fmt is None:
+        raise BadInput(
+            f"{job.label()}: the bytes are not a PDF, OFD or image we know (starts with {head[:8]!r})",
+            code="unsupported_format",
+        )
+    width = height = None
+    if fmt == "pdf" and not sniff.pdf_looks_complete(storage.read_range(bucket, key, -1024, 0)):
+        raise BadInput(f"{job.label()}: the PDF is corrupt or truncated (no %%EOF at its end)", code="corrupt")
+    if fmt in sniff.IMAGE_FORMATS:
+        dims = sniff.image_size(head)
+        if dims is None and size > len(head):
+            dims = sniff.image_size(storage.read_range(bucket, key, 0, 4 * 1024 * 1024 - 1))
+        if dims is None:
+            raise BadInput(f"{job.label()}: the {fmt} image header is corrupt", code="corrupt")
+        width, height = dims
+    document = DocumentInfo(
+        bucket=bucket,
+        key=key,
+        filename=key.rsplit("/", 1)[-1],
+        size=size,
+        format=fmt,
+        etag=str(meta.get("ETag", "")).strip('"') or None,
+        width=width,
+        height=height,
+    )
+    get_provider(job.provider).check(document, job)
+    jobs.record(get_runtime().redis, job.job_id, state="staged", stage="stage")
+    return job.model_copy(update={"document": document})
+
+
+# --- submit --------------------------------------------------------------------------------
+
+
+def submit(job: Job) -> Job:
+    """Send the document once: a re-delivered submit finds the task id already recorded."""
+    rt = get_runtime()
+    record = jobs.read(rt.redis, job.job_id)
+    if record.get("provider_task_id"):
+        log.info("%s: already accepted as %s; not submitting again", job.label(), record["provider_task_id"])
+        return job.model_copy(
+            update={"provider_task_id": record["provider_task_id"], "submitted_at": float(record.get("submitted_at") or time.time())}
+        )
+    task_id = get_provider(job.provider).submit(job)
+    submitted_at = time.time()
+    jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
+    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at, "polls": 0})
+
+
+# --- await ---------------------------------------------------------------------------------
+
+
+def poll_policy(provider_name: str, job: Job) -> PollPolicy:
+    s = get_settings()
+    first = job.options.get("first_poll_delay", s.poll_first_delay)
+    if first is None:
+        first = get_provider(provider_name).first_poll_delay
+    return PollPolicy(
+        first_delay=float(first),
+        base_delay=s.poll_base_delay,
+        multiplier=s.poll_multiplier,
+        max_delay=s.poll_max_delay,
+        deadline=float(job.options.get("deadline", s.job_deadline)),
+    )
+
+
+def await_result(job: Job) -> tuple[Job, float | None]:
+    """Poll once if it is time; return the job and the seconds until the next poll (None: done)."""
+    policy = poll_policy(job.provider, job)
+    submitted_at = job.submitted_at or time.time()
+    now = time.time()
+    if job.polls == 0 and now < submitted_at + policy.first_delay:
+        return job, submitted_at + policy.first_delay - now
+    if policy.expired(submitted_at, now):
+        raise DeadlineExceeded(
+            f"{job.label()}: the provider has not finished {policy.deadline:.0f}s after submit "
+            f"(task {job.provider_task_id}, {job.polls} polls)",
+            code="deadline_exceeded",
+        )
+    outcome = get_provider(job.provider).poll(job)
+    job = job.model_copy(update={"polls": job.polls + 1})
+    if not outcome.done:
+        return job, policy.next_delay(job.polls)
+    if outcome.error is not None:
+        raise outcome.error
+    return job, None
+
+
+# --- fetch ---------------------------------------------------------------------------------
+
+
+def fetch(job: Job) -> Job:
+    """Get the full result and park it, with its raw payload and artifacts, in the work area."""
+    fetched = get_provider(job.provider).fetch(job)
+    result = fetched.result.model_copy(update={"artifacts": sorted(fetched.artifacts)})
+    if job.submitted_at:
+        result.submitted_at = datetime.fromtimestamp(job.submitted_at, timezone.utc)
+    client = storage.s3_client()
+    bucket = get_settings().staging_bucket
+    prefix = work_prefix(job)
+    for name, data in fetched.artifacts.items():
+        client.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+    client.put_object(Bucket=bucket, Key=prefix + "raw.json", Body=json.dumps(fetched.raw, ensure_ascii=False).encode())
+    client.put_object(Bucket=bucket, Key=prefix + "result.json", Body=result.model_dump_json(indent=2).encode())
+    jobs.record(get_runtime().redis, job.job_id, state="fetched", stage="fetch")
+    return job
+
+
+# --- archive -------------------------------------------------------------------------------
+
+
+def archive(job: Job) -> Job:
+    """Copy the work area into the archive; ``result.json`` goes last and only if absent."""
+    rt = get_runtime()
+    settings = get_settings()
+    final = storage.finished(job.provider, job.job_id)
+    if final is None:
+        client = storage.s3_client()
+        src_prefix = work_prefix(job)
+        dst_prefix = storage.archive_prefix(job.provider, job.job_id)
+        names = [o["Key"][len(src_prefix) :] for o in storage.list_objects(settings.staging_bucket, src_prefix)]
+        if "result.json" not in names:
+            raise DocpipeError(f"{job.label()}: nothing fetched to archive", code="work_area_missing")
+        for name in sorted(n for n in names if n != "result.json"):
+            client.copy_object(
+                Bucket=settings.results_bucket,
+                Key=dst_prefix + name,
+                CopySource={"Bucket": settings.staging_bucket, "Key": src_prefix + name},
+            )
+        body = storage.read_object(settings.staging_bucket, src_prefix + "result.json")
+        if storage.put_bytes(dst_prefix + "result.json", body, "application/json", only_if_absent=True):
+            final = "result.json"
+        else:
+            final = storage.finished(job.provider, job.job_id)
+            log.info("%s: archive already committed by another delivery", job.label())
+        for name in names:
+            client.delete_object(Bucket=settings.staging_bucket, Key=src_prefix + name)
+    jobs.record(rt.redis, job.job_id, state="done" if final == "result.json" else "failed", stage="archive")
+    get_provider(job.provider).finished(job)
+    return job
+
+
+# --- failure -------------------------------------------------------------------------------
+
+
+def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
+    """End a document with an explanation in ``error.json``, unless it already has a result."""
+    if isinstance(exc, DocpipeError):
+        code, message, retryable = exc.code, exc.message, exc.retryable
+        provider_code = None if exc.provider_code is None else str(exc.provider_code)
+        provider_message = exc.provider_message
+    else:
+        code, message, retryable = "internal", f"{job.label()}: {type(exc).__name__}: {exc}", True
+        provider_code = provider_message = None
+    error = JobError(
+        job_id=job.job_id,
+        provider=job.provider,
+        source=job.source,
+        stage=stage_name,  # type: ignore[arg-type]
+        code=code,
+        message=message,
+        retryable=retryable,
+        provider_code=provider_code,
+        provider_message=provider_message,
+        provider_task_id=job.provider_task_id,
+    )
+    prefix = storage.archive_prefix(job.provider, job.job_id)
+    final = storage.finished(job.provider, job.job_id)
+    if final is None:
+        storage.put_json(prefix + "error.json", error.model_dump(mode="json"), only_if_absent=True)
+    rt = get_runtime()
+    jobs.record(
+        rt.redis,
+        job.job_id,
+        state="done" if final == "result.json" else "failed",
+        stage=stage_name,
+        error=message,
+    )
+    get_provider(job.provider).finished(job)
+    return error

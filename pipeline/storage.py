@@ -1,0 +1,164 @@
+"""S3 through boto3: the staging bucket where documents wait, and the results archive.
+
+Archive keys are deterministic (``<provider>/<job_id>/<name>``) so that a re-run finds
+what is already done, and a finished archive is never overwritten: ``result.json`` and
+``error.json`` are written with ``If-None-Match: *`` and the first writer wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from pipeline.config import Settings, get_settings
+
+CHUNK = 1024 * 1024
+FINAL_NAMES = ("result.json", "error.json")
+
+
+@lru_cache
+def _client(endpoint: str | None, region: str, key_id: str | None, secret: str | None) -> BaseClient:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4"),
+    )
+
+
+def s3_client(settings: Settings | None = None) -> BaseClient:
+    """One boto3 client per process and configuration (boto3 clients are thread-safe)."""
+    s = settings or get_settings()
+    return _client(
+        s.s3_endpoint_url,
+        s.s3_region,
+        s.aws_access_key_id.get_secret_value() if s.aws_access_key_id else None,
+        s.aws_secret_access_key.get_secret_value() if s.aws_secret_access_key else None,
+    )
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def ensure_buckets(settings: Settings | None = None) -> None:
+    """Create the staging and results buckets if they are missing (local stacks and first runs)."""
+    s = settings or get_settings()
+    client = s3_client(s)
+    for bucket in (s.staging_bucket, s.results_bucket):
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError:
+            client.create_bucket(Bucket=bucket)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> None:
+    """Stream a local file up; boto3 switches to multipart above the threshold."""
+    s = settings or get_settings()
+    config = TransferConfig(multipart_threshold=s.multipart_threshold_mb * CHUNK, multipart_chunksize=8 * CHUNK)
+    s3_client(s).upload_file(str(path), bucket, key, Config=config)
+
+
+def head(bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def read_range(bucket: str, key: str, start: int, end: int) -> bytes:
+    """Bytes ``start..end`` inclusive; a negative ``start`` reads the last ``-start`` bytes."""
+    rng = f"bytes=-{-start}" if start < 0 else f"bytes={start}-{end}"
+    return s3_client().get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+
+
+def iter_object(bucket: str, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        yield from body.iter_chunks(chunk_size)
+    finally:
+        body.close()
+
+
+def read_object(bucket: str, key: str) -> bytes:
+    """Whole object; only for documents already checked against the provider's (small) size limit."""
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def presign_get(bucket: str, key: str, expires: int = 3600) -> str:
+    return s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
+
+
+def list_objects(bucket: str, prefix: str = "") -> Iterator[dict[str, Any]]:
+    paginator = s3_client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+# --- the archive -------------------------------------------------------------------------
+
+
+def archive_prefix(provider: str, job_id: str) -> str:
+    return f"{provider}/{job_id}/"
+
+
+def archive_uri(provider: str, job_id: str, name: str = "") -> str:
+    return f"s3://{get_settings().results_bucket}/{archive_prefix(provider, job_id)}{name}"
+
+
+def put_bytes(key: str, data: bytes, content_type: str, *, only_if_absent: bool = False) -> bool:
+    """Write one archive object; with ``only_if_absent`` return False instead of overwriting."""
+    kwargs: dict[str, Any] = {"Bucket": get_settings().results_bucket, "Key": key, "Body": data, "ContentType": content_type}
+    if only_if_absent:
+        kwargs["IfNoneMatch"] = "*"
+    try:
+        s3_client().put_object(**kwargs)
+    except ClientError as exc:
+        if only_if_absent and exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def put_json(key: str, payload: Any, *, only_if_absent: bool = False) -> bool:
+    data = json.dumps(payload, ensure_ascii=False, indent=2, default=str).encode()
+    return put_bytes(key, data, "application/json", only_if_absent=only_if_absent)
+
+
+def finished(provider: str, job_id: str) -> str | None:
+    """Which final file (``result.json`` or ``error.json``) the archive holds for a job, if any."""
+    bucket = get_settings().results_bucket
+    for name in FINAL_NAMES:
+        if head(bucket, archive_prefix(provider, job_id) + name) is not None:
+            return name
+    return None
+
+
+def get_json(key: str) -> Any:
+    return json.loads(read_object(get_settings().results_bucket, key))

@@ -1,0 +1,78 @@
+"""Fixtures that start real processes on free ports: redis-server, moto's S3 server, the
+baidu emulator and two Celery workers. Nothing here is mocked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.devstack import LocalStack
+
+BAIDU_EMULATOR = {"processing_min": 0.5, "processing_max": 2.0}
+FAST_POLLING = {
+    "DOCPIPE_POLL_FIRST_DELAY": "1",
+    "DOCPIPE_POLL_BASE_DELAY": "0.5",
+    "DOCPIPE_POLL_MAX_DELAY": "2",
+    "DOCPIPE_VISIBILITY_TIMEOUT": "30",
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = LocalStack(
+        tmp_path_factory.mktemp("stack"), emulator_config={"baidu": BAIDU_EMULATOR}, settings=dict(FAST_POLLING)
+    )
+    try:
+        local.start_base(["baidu"])
+        local.start_worker("w1", ["docpipe.baidu"], wait=False)
+        local.start_worker("w2", ["docpipe.baidu"], wait=False)
+        local.wait_workers(["w1", "w2"])
+        yield local
+    finally:
+        local.stop()
+
+
+class EmulatorControl:
+    """Talks to an emulator's /_emulator/* routes."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.defaults = self.config()
+
+    def config(self, **changes) -> dict:
+        if changes:
+            return httpx.post(f"{self.base_url}/_emulator/config", json=changes).json()
+        return httpx.get(f"{self.base_url}/_emulator/config").json()
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.base_url}/_emulator/stats").json()
+
+    def endpoint(self, name: str) -> dict:
+        return self.stats()["endpoints"].get(name, {"requests": 0, "accepted": 0, "limit_violations": 0})
+
+    def reset(self) -> None:
+        httpx.post(f"{self.base_url}/_emulator/config", json=self.defaults)
+        httpx.post(f"{self.base_url}/_emulator/reset")
+
+    def post(self, path: str) -> dict:
+        return httpx.post(f"{self.base_url}{path}").json()
+
+
+@pytest.fixture
+def baidu(stack: LocalStack) -> Iterator[EmulatorControl]:
+    """The session's baidu emulator, with its config and statistics reset around each test."""
+    control = EmulatorControl(stack.emulator_url("baidu"))
+    control.reset()
+    stack.activate()
+    yield control
+    control.reset()
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    return folder

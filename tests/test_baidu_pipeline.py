@@ -1,0 +1,131 @@
+"""The baidu chain end to end: real Redis, S3, emulator and Celery workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pipeline import DocumentFailedError, enqueue, storage
+from pipeline.samples import make_batch, make_corrupt_pdf, make_oversize_png
+
+
+def _archive_names(provider: str, job_id: str) -> set[str]:
+    prefix = storage.archive_prefix(provider, job_id)
+    return {o["Key"][len(prefix):] for o in storage.list_objects(storage.get_settings().results_bucket, prefix)}
+
+
+def test_batch_of_documents_is_archived_with_correct_results(baidu, docs):
+    samples = make_batch(docs, 22)
+    handles = [enqueue(s.path, provider="baidu") for s in samples]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda h: h.wait(timeout=180), handles))
+
+    for sample, handle, result in zip(samples, handles, results):
+        assert result.job_id == handle.job_id
+        assert result.provider == "baidu"
+        assert result.provider_task_id and result.provider_task_id.startswith("task-")
+        assert result.document.filename == sample.path.name
+        values = {f.name: f.value for f in result.fields if f.group is None}
+        for name, value in sample.expected.items():
+            assert values.get(name) == value, (sample.path.name, name)
+        if sample.kind == "invoice-pdf":
+            rows = [f for f in result.fields if f.group == "items"]
+            assert {f.name for f in rows} == {"Item", "Qty", "Amount"}
+        if sample.kind == "receipt-jpeg":
+            assert values["Document hash"]  # derived from the bytes by the emulator
+        assert _archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
+        raw = storage.get_json(storage.archive_prefix("baidu", handle.job_id) + "raw.json")
+        assert raw["task_result"]["status"] == "Success"
+
+    submits = baidu.endpoint("submit")
+    assert submits["accepted"] == len(samples)  # one submit per document, none twice
+    assert submits["limit_violations"] == 0
+    assert baidu.endpoint("get_result")["limit_violations"] == 0
+
+
+def test_enqueueing_an_archived_document_again_sends_nothing(baidu, docs):
+    sample = make_batch(docs, 1)[0]
+    first = enqueue(sample.path, provider="baidu")
+    first.wait(timeout=120)
+    submits = baidu.endpoint("submit")["requests"]
+
+    again = enqueue(sample.path, provider="baidu")
+    assert again.skipped and again.job_id == first.job_id
+    assert again.wait(timeout=5).job_id == first.job_id
+    assert baidu.endpoint("submit")["requests"] == submits
+
+
+def test_corrupt_and_oversize_documents_fail_at_stage_without_a_provider_request(baidu, docs):
+    corrupt = make_corrupt_pdf(docs / "broken.pdf")
+    oversize = make_oversize_png(docs / "huge.png", megabytes=8.0)
+    garbage = docs / "notes.pdf"
+    garbage.write_bytes(b"this is a text file with a .pdf name")
+    empty = docs / "empty.png"
+    empty.write_bytes(b"")
+    good = make_batch(docs / "good", 2)
+
+    handles = {p.name: enqueue(p, provider="baidu") for p in (corrupt.path, oversize.path, garbage, empty)}
+    good_handles = [enqueue(s.path, provider="baidu") for s in good]
+
+    expected_codes = {"broken.pdf": "corrupt", "huge.png": "too_large", "notes.pdf": "unsupported_format", "empty.png": "empty"}
+    for name, handle in handles.items():
+        with pytest.raises(DocumentFailedError) as failure:
+            handle.wait(timeout=120)
+        error = failure.value.error
+        assert error.stage == "stage"
+        assert error.code == expected_codes[name]
+        assert name in error.message  # the error names the document
+        assert error.retryable is False
+        assert _archive_names("baidu", handle.job_id) == {"error.json"}
+    for handle in good_handles:  # the bad ones lose nothing else in the batch
+        handle.wait(timeout=120)
+
+    assert baidu.endpoint("submit")["requests"] == len(good)
+
+
+def test_token_expiry_mid_batch_is_survived_with_one_refresh_per_expiry(baidu, docs):
+    samples = make_batch(docs, 12)
+    handles = [enqueue(s.path, provider="baidu") for s in samples]
+    deadline = time.monotonic() + 60
+    while baidu.endpoint("submit")["accepted"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tokens_before = baidu.endpoint("token")["requests"]
+    expired = baidu.post("/_emulator/expire_tokens")["expired"]
+    assert expired >= 1
+
+    for handle in handles:
+        handle.wait(timeout=180)
+
+    stats = baidu.stats()["endpoints"]
+    auth_refusals = stats["submit"]["requests"] - stats["submit"]["accepted"] + stats["get_result"]["requests"] - stats["get_result"]["accepted"]
+    assert auth_refusals >= 1  # the expiry was seen by the workers...
+    # ...and answered by one shared refresh, not one login per worker or per request.
+    assert stats["token"]["requests"] - tokens_before == 1
+
+
+def test_internal_errors_and_5xx_are_retried_until_success(baidu, docs):
+    baidu.config(faults={"internal_error_rate": 0.25, "http_5xx_rate": 0.1})
+    samples = make_batch(docs, 8)
+    handles = [enqueue(s.path, provider="baidu") for s in samples]
+    for handle in handles:
+        handle.wait(timeout=240)
+    stats = baidu.stats()["endpoints"]
+    assert stats["submit"]["faults_injected"] + stats["get_result"]["faults_injected"] > 0
+    assert stats["submit"]["accepted"] == len(samples)
+
+
+def test_provider_failure_ends_in_error_json_at_await(baidu, docs):
+    baidu.config(failure_rate=1.0)
+    sample = make_batch(docs, 1)[0]
+    handle = enqueue(sample.path, provider="baidu")
+    with pytest.raises(DocumentFailedError) as failure:
+        handle.wait(timeout=120)
+    error = failure.value.error
+    assert error.stage == "await"
+    assert error.code == "provider_failed"
+    assert error.provider_task_id
+    body = json.dumps(storage.get_json(storage.archive_prefix("baidu", handle.job_id) + "error.json"))
+    assert "access_token" not in body and "demo-secret-key" not in body
