@@ -1,0 +1,126 @@
+"""Unit tests of the baidu provider's pure parts: error mapping, wire models, normalization, size rules."""
+
+from __future__ import annotations
+
+import base64
+import os
+from urllib.parse import quote_plus
+
+import httpx
+import pytest
+
+from pipeline import sniff
+from pipeline.errors import AuthExpired, Permanent, RateLimited, Transient
+from pipeline.models import DocumentInfo, Job
+from pipeline.providers import baidu
+from tests.seeds import BAIDU_SEED, json_between, seed_text
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "our_code"),
+    [
+        (18, RateLimited, "rate_limited"),
+        (4, RateLimited, "rate_limited"),
+        (17, RateLimited, "quota_exceeded"),
+        (110, AuthExpired, "auth_expired"),
+        (111, AuthExpired, "auth_expired"),
+        (282000, Transient, "provider_transient"),
+        (216200, Permanent, "provider_rejected"),
+        (216201, Permanent, "provider_rejected"),
+        (216202, Permanent, "provider_rejected"),
+        (282003, Permanent, "provider_rejected"),
+        (283016, Permanent, "provider_rejected"),
+        (999999, Permanent, "provider_rejected"),
+    ],
+)
+def test_each_documented_error_code_maps_to_its_kind(code, kind, our_code):
+    error = baidu.error_for(code, "message from baidu", "submit")
+    assert type(error) is kind
+    assert error.code == our_code
+    assert error.provider_code == code
+    assert str(code) in str(error)
+
+
+def test_quota_errors_wait_much_longer_than_qps_errors():
+    assert baidu.error_for(17, "", "submit").retry_after > 60 * baidu.error_for(18, "", "submit").retry_after
+
+
+def test_seed_success_example_parses_and_normalizes():
+    text = seed_text(BAIDU_SEED)
+    body = json_between(text, "识别成功示例", "任务运行中示例:")
+    parsed = baidu.GetResultResponse.model_validate(body)
+    assert parsed.task_result.status == "Success"
+    job = Job(
+        job_id="j1",
+        provider="baidu",
+        source="s3://b/k.pdf",
+        location="s3://b/k.pdf",
+        provider_task_id=parsed.task_result.task_id,
+        document=DocumentInfo(bucket="b", key="k.pdf", filename="k.pdf", size=1, format="pdf"),
+    )
+    result = baidu.normalize(job, parsed)
+    assert result.field("开票日期") == "2019年08月28日"
+    assert [f.value for f in result.fields if f.name == "发票号码"] == ["3321192130", "No 07285251"]
+    goods = [f for f in result.fields if f.group == "货物或应税劳务、服务信息"]
+    assert len(goods) == 8 and {f.row for f in goods} == {0}
+    assert next(f.value for f in goods if f.name == "数量") == "1"
+
+
+def test_seed_running_example_and_both_task_id_spellings_parse():
+    text = seed_text(BAIDU_SEED)
+    running = json_between(text, "任务运行中示例:", "预置模型清单")
+    assert baidu.GetResultResponse.model_validate(running).task_result.status == "Running"
+    submitted = json_between(text, "成功返回示例", "失败返回示例")
+    assert baidu.SubmitResponse.model_validate(submitted).task_id == "task-2m8g3dhqmrv9cxfe"
+    assert baidu.SubmitResponse.model_validate({"error_code": 0, "result": {"task_id": "task-x"}}).task_id == "task-x"
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 1000, 65537, 300_001])
+def test_urlencoded_base64_size_matches_the_real_encoding(size):
+    data = os.urandom(size)
+    expected = len(quote_plus(base64.b64encode(data).decode()))
+    chunks = [data[i : i + 4099] for i in range(0, len(data), 4099)] or [b""]
+    assert sniff.urlencoded_base64_size(chunks) == expected
+
+
+@pytest.mark.parametrize(
+    ("head", "fmt"),
+    [
+        (b"%PDF-1.7\n", "pdf"),
+        (b"\x89PNG\r\n\x1a\n....", "png"),
+        (b"\xff\xd8\xff\xe0", "jpeg"),
+        (b"BM" + b"\x00" * 30, "bmp"),
+        (b"PK\x03\x04" + b"\x00" * 26 + b"OFD.xml", "ofd"),
+        (b"PK\x03\x04" + b"\x00" * 26 + b"word/document.xml", None),
+        (b"hello", None),
+        (b"", None),
+    ],
+)
+def test_format_is_sniffed_from_bytes(head, fmt):
+    assert sniff.sniff_format(head) == fmt
+
+
+def test_transport_failures_become_transient_without_the_url_or_token():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    from pipeline.config import Settings
+    from pipeline.limits import RateLimiter
+    from pipeline.runtime import Runtime
+
+    class NoLimit(RateLimiter):
+        def __init__(self):
+            pass
+
+        def acquire(self, key, rate, *, max_wait):
+            return 0.0
+
+    settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
+    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), http=httpx.Client(transport=httpx.MockTransport(refuse)))
+    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
+    provider.rt, provider.settings = runtime, settings
+    request = runtime.http.build_request("POST", "http://baidu.invalid/x", params={"access_token": "TOKEN-SECRET"})
+    with pytest.raises(Transient) as caught:
+        provider.send("submit", request)
+    for secret in ("TOKEN-SECRET", "AK-SECRET", "SK-SECRET", "baidu.invalid"):
+        assert secret not in str(caught.value)
