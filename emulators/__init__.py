@@ -4,4 +4,4 @@
 (its settings, a pydantic model) and ``create_app(config)`` (a Starlette app).
 """
 
-EMULATORS = ("baidu",)
+EMULATORS = ("baidu", "tuputech", "idp")

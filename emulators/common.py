@@ -45,6 +45,7 @@ class EndpointStats:
     limit_violations: int = 0
     faults_injected: int = 0
     arrivals: list[float] = field(default_factory=list)  # time.time() of every request
+    accepted_at: list[float] = field(default_factory=list)  # time.time() of every request served
 
     def max_in_window(self, window: float = 1.0) -> int:
         """The most requests that arrived within any ``window`` seconds (half-open: (t-window, t])."""
@@ -115,6 +116,12 @@ class Emulator:
         stats.arrivals.append(time.time())
         return stats
 
+    def accept(self, endpoint: str) -> None:
+        """The request was served (not refused by a limit, a fault or a validation error)."""
+        stats = self.stats[endpoint]
+        stats.accepted += 1
+        stats.accepted_at.append(time.time())
+
     def roll(self, probability: float) -> bool:
         return probability > 0 and self.rng.random() < probability
 
@@ -123,6 +130,10 @@ class Emulator:
         if self.roll(faults.slow_rate):
             self.stats[endpoint].faults_injected += 1
             await asyncio.sleep(faults.slow_seconds)
+
+    def timelines(self) -> dict[str, Any]:
+        """Time series an emulator keeps for the benchmarks (``GET /_emulator/stats?arrivals=1``)."""
+        return {}
 
     def reset(self) -> None:
         self.stats.clear()
@@ -138,6 +149,8 @@ class Emulator:
         payload = self.snapshot()
         if request.query_params.get("arrivals"):
             payload["arrivals"] = {name: s.arrivals for name, s in self.stats.items()}
+            payload["accepted_at"] = {name: s.accepted_at for name, s in self.stats.items()}
+            payload.update(self.timelines())
         return JSONResponse(payload)
 
     async def _config(self, request: Request) -> JSONResponse:
