@@ -25,6 +25,11 @@ broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
     "socket_keepalive": True,
     "retry_on_timeout": True,
+    # Priorities on Redis (0 is the highest): later stages go first, so a deep backlog of
+    # new documents never starves the polls and archives of documents already submitted.
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    "queue_order_strategy": "priority",
 }
 
 task_serializer = "json"
@@ -43,3 +48,7 @@ task_default_queue = f"docpipe.{provider_names()[0]}"
 worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = True
+
+# Only the benchmark's baseline sets these: Celery's rate_limit is per worker, so it cannot
+# hold a provider's account-wide limit once there are several workers (the global limiter does).
+task_annotations = {name: {"rate_limit": limit} for name, limit in _settings.celery_rate_limits.items()}

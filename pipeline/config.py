@@ -32,8 +32,22 @@ class Settings(BaseSettings):
         description="Fraction of each documented rate the limiter spends: the margin absorbs "
         "network jitter between our clock and the provider's window.",
     )
+    global_limits: bool = Field(
+        True, description="Off only for the benchmark's baseline, which measures Celery's per-worker rate_limit instead."
+    )
+    celery_rate_limits: dict[str, str] = Field(
+        default_factory=dict, description='Per-worker Celery rate limits by task name, e.g. {"docpipe.baidu.submit": "2/s"} (baseline only).'
+    )
     max_inline_wait: float = Field(
         2.0, description="Longest wait for a rate token spent sleeping in the worker; longer waits re-schedule the task."
+    )
+    poll_inline_wait: float = Field(
+        0.0,
+        description="Longest wait for a poll's rate token in the worker thread. A refused poll re-schedules itself "
+        "to just after the token it was told of, so waiting threads are not spent on polls that are never urgent.",
+    )
+    lease_grace: float = Field(
+        15.0, description="Seconds a concurrency lease lives until the provider confirms the submit (a dead worker's lease frees this fast)."
     )
     transient_retries: int = 5
     visibility_timeout: int = Field(
@@ -58,6 +72,26 @@ class Settings(BaseSettings):
     baidu_secret_key: SecretStr = SecretStr("")
     baidu_classifier_id: str | None = None
     baidu_template_sign: str | None = "multiple_invoice"
+
+    # idp (document-extraction platform)
+    idp_base_url: str = "http://127.0.0.1:8002"
+    idp_username: SecretStr = SecretStr("")
+    idp_password: SecretStr = SecretStr("")
+    idp_feature_type_id: int = 1
+    idp_language: str | None = None
+    idp_login_cooldown: float = Field(60.0, description="Seconds every worker waits after a failed or locked-out login.")
+
+    # tuputech (document moderation, results by signed callback)
+    tuputech_base_url: str = "https://api.open.tuputech.com"
+    tuputech_secret_id: SecretStr = SecretStr("")
+    tuputech_private_key: SecretStr = SecretStr("")  # PEM of our RSA key: signs each submit
+    tuputech_public_key: str = ""  # PEM of Tuputech's key: verifies answers and callbacks
+    tuputech_max_in_flight: int = 30
+    tuputech_callback_rule: str | None = None
+    callback_base_url: str = "http://127.0.0.1:8090"
+    callback_release_delay: float = Field(
+        0.1, description="Seconds after answering a callback before its lease is freed, so the provider has counted the task done."
+    )
 
 
 @lru_cache

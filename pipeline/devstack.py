@@ -24,6 +24,8 @@ import httpx
 
 DEMO_BAIDU_KEY = "demo-api-key"
 DEMO_BAIDU_SECRET = "demo-secret-key"
+DEMO_IDP_USER, DEMO_IDP_PASSWORD = "demo", "demo-password"
+DEMO_TUPUTECH_SECRET_ID = "demo-secret-id"
 
 
 def free_port() -> int:
@@ -47,6 +49,20 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
 
 def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=1.0).status_code < 500
+
+
+def _point_celery_at(broker_url: str) -> None:
+    """Send this process' tasks and control messages to ``broker_url`` from now on."""
+    from workers.app import app
+
+    if app.conf.broker_url == broker_url:
+        return
+    app.conf.broker_url = broker_url
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
 
 
 @dataclass
@@ -93,8 +109,24 @@ class LocalStack:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for service in ("redis", "s3", "flower"):
+        for service in ("redis", "s3", "flower", "callbacks"):
             self.ports.setdefault(service, free_port())
+        self._tuputech_keys: dict[str, str] = {}
+
+    def tuputech_keys(self) -> dict[str, str]:
+        """Two RSA key pairs made for this stack: ours (signs submits) and the emulator's (signs callbacks)."""
+        if not self._tuputech_keys:
+            from pipeline.providers.tuputech_wire import generate_key_pair
+
+            client_private, client_public = generate_key_pair()
+            provider_private, provider_public = generate_key_pair()
+            self._tuputech_keys = {
+                "client_private": client_private,
+                "client_public": client_public,
+                "provider_private": provider_private,
+                "provider_public": provider_public,
+            }
+        return self._tuputech_keys
 
     # -- environment -------------------------------------------------------------------------
 
@@ -115,6 +147,21 @@ class LocalStack:
                 DOCPIPE_BAIDU_API_KEY=DEMO_BAIDU_KEY,
                 DOCPIPE_BAIDU_SECRET_KEY=DEMO_BAIDU_SECRET,
             )
+        if "idp" in self.ports:
+            env.update(
+                DOCPIPE_IDP_BASE_URL=f"http://127.0.0.1:{self.ports['idp']}",
+                DOCPIPE_IDP_USERNAME=DEMO_IDP_USER,
+                DOCPIPE_IDP_PASSWORD=DEMO_IDP_PASSWORD,
+            )
+        if "tuputech" in self.ports:
+            keys = self.tuputech_keys()
+            env.update(
+                DOCPIPE_TUPUTECH_BASE_URL=f"http://127.0.0.1:{self.ports['tuputech']}",
+                DOCPIPE_TUPUTECH_SECRET_ID=DEMO_TUPUTECH_SECRET_ID,
+                DOCPIPE_TUPUTECH_PRIVATE_KEY=keys["client_private"],
+                DOCPIPE_TUPUTECH_PUBLIC_KEY=keys["provider_public"],
+            )
+        env["DOCPIPE_CALLBACK_BASE_URL"] = f"http://127.0.0.1:{self.ports['callbacks']}"
         env.update(self.settings)
         return env
 
@@ -128,6 +175,7 @@ class LocalStack:
         reset_runtime()
         get_provider.cache_clear()
         _client.cache_clear()
+        _point_celery_at(self.env["DOCPIPE_REDIS_URL"])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
@@ -186,12 +234,35 @@ class LocalStack:
 
     def start_emulator(self, provider: str, config: dict[str, Any] | None = None) -> None:
         port = self.ports.setdefault(provider, free_port())
-        merged = {**self.emulator_config.get(provider, {}), **(config or {})}
+        merged = {**self._emulator_defaults(provider), **self.emulator_config.get(provider, {}), **(config or {})}
         proc = self._spawn(
             f"emulator-{provider}",
             [sys.executable, "-m", "emulators", provider, "--port", str(port), "--config", json.dumps(merged)],
         )
         self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/_emulator/health"), 20, f"{provider} emulator")
+
+    def _emulator_defaults(self, provider: str) -> dict[str, Any]:
+        """What an emulator must know of this stack's account: credentials and keys."""
+        if provider == "baidu":
+            return {"api_key": DEMO_BAIDU_KEY, "secret_key": DEMO_BAIDU_SECRET}
+        if provider == "idp":
+            return {"username": DEMO_IDP_USER, "password": DEMO_IDP_PASSWORD}
+        if provider == "tuputech":
+            keys = self.tuputech_keys()
+            return {
+                "secret_id": DEMO_TUPUTECH_SECRET_ID,
+                "client_public_key": keys["client_public"],
+                "private_key": keys["provider_private"],
+            }
+        return {}
+
+    def start_callbacks(self) -> None:
+        """The callback receiver (``docpipe callbacks``), where callback providers deliver results."""
+        port = self.ports["callbacks"]
+        proc = self._spawn(
+            "callbacks", [sys.executable, "-m", "pipeline.cli", "callbacks", "--host", "127.0.0.1", "--port", str(port)]
+        )
+        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/health"), 20, "callback receiver")
 
     def emulator_url(self, provider: str) -> str:
         return f"http://127.0.0.1:{self.ports[provider]}"
@@ -201,8 +272,8 @@ class LocalStack:
         name: str,
         queues: Iterable[str],
         *,
-        concurrency: int = 1,
-        pool: str = "prefork",
+        concurrency: int = 4,
+        pool: str = "threads",
         env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> Proc:
@@ -219,7 +290,7 @@ class LocalStack:
     def wait_workers(self, names: list[str], timeout: float = 60) -> None:
         from workers.app import app
 
-        app.conf.broker_url = self.env["DOCPIPE_REDIS_URL"]
+        _point_celery_at(self.env["DOCPIPE_REDIS_URL"])
 
         def all_answer() -> bool:
             for n in names:

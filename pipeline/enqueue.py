@@ -19,7 +19,7 @@ from pipeline import jobs, storage
 from pipeline.models import Job, JobError, NormalizedResult
 from pipeline.providers import provider_class
 from pipeline.runtime import get_runtime
-from pipeline.stages import STAGES
+from pipeline.stages import STAGE_PRIORITY, STAGES
 
 
 class DocumentFailedError(RuntimeError):
@@ -94,7 +94,7 @@ def signature_for(job: Job) -> chain:
     """The Celery chain stage → submit → await → fetch → archive, routed to the provider's queue."""
     from workers.app import app  # the app is only needed to send; keep pipeline importable without it
 
-    first, *rest = [app.signature(f"docpipe.{job.provider}.{name}") for name in STAGES]
+    first, *rest = [app.signature(f"docpipe.{job.provider}.{name}", priority=STAGE_PRIORITY[name]) for name in STAGES]
     return chain(first.clone(args=(job.model_dump(mode="json"),)), *rest)
 
 

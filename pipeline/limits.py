@@ -79,3 +79,95 @@ class RateLimiter:
             if time.monotonic() + wait > deadline:
                 raise RateWait(key, wait)
             time.sleep(wait)
+
+
+# --- concurrency leases ----------------------------------------------------------------------
+
+# KEYS[1] = lease set (member: lease id, score: expiry in ms by Redis' clock).
+# ARGV[1] = lease id, ARGV[2] = limit, ARGV[3] = ttl ms. Returns 1 when the lease is held.
+# A lease already held is only ever lengthened here (GT), so a re-delivered task cannot
+# shorten a lease its first delivery extended.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[3]), ARGV[1])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# Sets a lease's expiry to now + ttl whatever it was; the lease is (re)added even over the
+# limit, because it stands for a task the provider has already accepted.
+_EXTEND_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+_COUNT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class LeaseSemaphore:
+    """At most ``limit`` leases per key, shared by every process, each with an expiry.
+
+    Why leases and not a counter: a counter leaks a slot whenever its holder dies; a lease
+    expires. A lease is taken with a short TTL just before a submit (a worker that dies
+    before sending frees it within seconds), lengthened to the document's deadline once the
+    provider accepts, and released when the provider is done. A release wakes one waiter.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:lease") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._extend = client.register_script(_EXTEND_LUA)
+        self._count = client.register_script(_COUNT_LUA)
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        return f"{self._prefix}:{key}", f"{self._prefix}:{key}:freed"
+
+    def try_acquire(self, key: str, lease_id: str, limit: int, ttl: float) -> bool:
+        leases, _ = self._keys(key)
+        return bool(self._acquire(keys=[leases], args=[lease_id, limit, int(ttl * 1000)]))
+
+    def acquire(self, key: str, lease_id: str, limit: int, ttl: float, *, max_wait: float) -> None:
+        """Take a lease, waiting up to ``max_wait`` for a release; then ``RateWait`` to re-schedule."""
+        leases, freed = self._keys(key)
+        deadline = time.monotonic() + max_wait
+        while not self.try_acquire(key, lease_id, limit, ttl):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RateWait(key, 1.0)
+            # Woken by a release; the timeout also catches leases that simply expired.
+            self._redis.blpop([freed], timeout=min(left, 0.5))
+
+    def extend(self, key: str, lease_id: str, ttl: float) -> None:
+        leases, _ = self._keys(key)
+        self._extend(keys=[leases], args=[lease_id, int(ttl * 1000)])
+
+    def release(self, key: str, lease_id: str) -> bool:
+        leases, freed = self._keys(key)
+        removed = bool(self._redis.zrem(leases, lease_id))
+        if removed:
+            pipe = self._redis.pipeline()
+            pipe.lpush(freed, "1")
+            pipe.ltrim(freed, 0, 99)
+            pipe.expire(freed, 3600)
+            pipe.execute()
+        return removed
+
+    def held(self, key: str) -> int:
+        leases, _ = self._keys(key)
+        return int(self._count(keys=[leases]))

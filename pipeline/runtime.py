@@ -13,7 +13,7 @@ import httpx
 import redis
 
 from pipeline.config import Settings, get_settings
-from pipeline.limits import RateLimiter
+from pipeline.limits import LeaseSemaphore, RateLimiter
 
 # httpx logs every request URL at INFO, and some providers put the access token in the
 # query string: keep that logger quiet so no token reaches a log line.
@@ -26,6 +26,7 @@ class Runtime:
     settings: Settings
     redis: redis.Redis
     limiter: RateLimiter
+    leases: LeaseSemaphore
     http: httpx.Client
 
 
@@ -37,6 +38,7 @@ def get_runtime() -> Runtime:
         settings=settings,
         redis=client,
         limiter=RateLimiter(client, safety=settings.limit_safety),
+        leases=LeaseSemaphore(client),
         http=httpx.Client(timeout=settings.http_timeout, limits=httpx.Limits(max_connections=20)),
     )
 

@@ -70,6 +70,25 @@ def make_invoice_pdf(path: Path, n: int, pages: int = 1) -> Sample:
     return Sample(path, "invoice-pdf", fields)
 
 
+def make_report_pdf(path: Path, n: int, flagged_page: int | None = None, word: str = "FORBIDDEN") -> Sample:
+    """A few pages of prose; ``word`` on ``flagged_page`` is what the moderation emulator objects to."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    pages = 1 + n % 3
+    pdf = canvas.Canvas(str(path), pagesize=A4)
+    for page in range(1, pages + 1):
+        pdf.setFont("Helvetica", 11)
+        pdf.drawString(72, 790, f"Quarterly report {n}, page {page}")
+        pdf.drawString(72, 770, f"Revenue grew by {n % 17} percent in region {page}.")
+        if page == flagged_page:
+            pdf.drawString(72, 750, f"This line carries the word {word} for the moderator.")
+        pdf.showPage()
+    pdf.save()
+    verdict = "pass" if flagged_page is None else {"FORBIDDEN": "reject", "REVIEW": "review"}.get(word, "pass")
+    return Sample(path, "report-pdf", {"verdict": verdict, "pages": str(pages)})
+
+
 def _card_image(lines: list[str], size: tuple[int, int]) -> Image.Image:
     image = Image.new("RGB", size, (236, 242, 250))
     draw = ImageDraw.Draw(image)

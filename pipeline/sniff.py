@@ -30,9 +30,31 @@ def sniff_format(head: bytes) -> str | None:
         return "tiff"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
-    if head.startswith(b"PK\x03\x04") and b"OFD.xml" in head[:4096]:
-        return "ofd"
-    return None
+    if head.startswith(b"PK\x03\x04"):
+        names = head[:65536]
+        if b"OFD.xml" in names[:4096]:
+            return "ofd"
+        for marker, fmt in ((b"word/", "docx"), (b"xl/", "xlsx"), (b"ppt/", "pptx")):
+            if marker in names:
+                return fmt
+        return None
+    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):  # OLE2: legacy .doc/.ppt/.xls
+        return "doc"
+    return _text_format(head)
+
+
+def _text_format(head: bytes) -> str | None:
+    """Plain text or HTML: decodes as UTF-8 (a cut multi-byte character at the end is fine), no NULs."""
+    if not head or b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:
+            return None
+        text = head[: exc.start].decode("utf-8")
+    lowered = text.lstrip().lower()
+    return "html" if lowered.startswith(("<!doctype html", "<html")) else "txt"
 
 
 def pdf_looks_complete(tail: bytes) -> bool:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from datetime import datetime, timezone
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError
+from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError, RateWait
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import PollPolicy
 from pipeline.providers import get_provider
@@ -25,6 +26,9 @@ from pipeline.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 STAGES = ("stage", "submit", "await", "fetch", "archive")
+# Redis broker priority per stage (0 is served first): finish started documents before starting new ones.
+POLL_SPREAD = 0.3  # seconds over which refused polls come back
+STAGE_PRIORITY = {"archive": 0, "fetch": 1, "await": 2, "submit": 3, "stage": 4}
 
 
 def work_prefix(job: Job) -> str:
@@ -80,17 +84,38 @@ def stage(job: Job) -> Job:
 
 
 def submit(job: Job) -> Job:
-    """Send the document once: a re-delivered submit finds the task id already recorded."""
+    """Send the document once: a re-delivered submit finds the task id already recorded.
+
+    Where the provider limits tasks in flight, a lease is taken first with a short TTL (a
+    worker that dies before sending frees it within seconds) and lengthened to the
+    document's deadline once the provider has accepted the task.
+    """
     rt = get_runtime()
+    provider = get_provider(job.provider)
+    limit = provider.max_in_flight()
+    deadline = float(job.options.get("deadline", rt.settings.job_deadline))
     record = jobs.read(rt.redis, job.job_id)
     if record.get("provider_task_id"):
         log.info("%s: already accepted as %s; not submitting again", job.label(), record["provider_task_id"])
+        if limit:
+            rt.leases.extend(provider.lease_key(), job.job_id, deadline)
         return job.model_copy(
             update={"provider_task_id": record["provider_task_id"], "submitted_at": float(record.get("submitted_at") or time.time())}
         )
-    task_id = get_provider(job.provider).submit(job)
+    if limit:
+        rt.leases.acquire(provider.lease_key(), job.job_id, limit, rt.settings.lease_grace, max_wait=rt.settings.max_inline_wait)
+    try:
+        task_id = provider.submit(job)
+    except Exception as exc:
+        # An answer (even an error) means the provider did not take the task: free the slot now.
+        # A timeout may hide an accepted task, so that lease is left to expire with its grace.
+        if limit and getattr(exc, "code", None) != "timeout":
+            rt.leases.release(provider.lease_key(), job.job_id)
+        raise
     submitted_at = time.time()
     jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
+    if limit:
+        rt.leases.extend(provider.lease_key(), job.job_id, deadline)
     return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at, "polls": 0})
 
 
@@ -124,7 +149,12 @@ def await_result(job: Job) -> tuple[Job, float | None]:
             f"(task {job.provider_task_id}, {job.polls} polls)",
             code="deadline_exceeded",
         )
-    outcome = get_provider(job.provider).poll(job)
+    try:
+        outcome = get_provider(job.provider).poll(job)
+    except RateWait as wait:
+        # The result endpoint is busy: come back just after the token we were told of, spread
+        # over a little while so that the refused polls do not all race for the same one.
+        return job, wait.delay + random.uniform(0.0, POLL_SPREAD)
     job = job.model_copy(update={"polls": job.polls + 1})
     if not outcome.done:
         return job, policy.next_delay(job.polls)

@@ -59,12 +59,18 @@ def run_stage(task: Task, stage_name: str, payload: dict[str, Any]) -> dict[str,
     def again(next_job: Job, countdown: float) -> Exception:
         # Capped so the message comes back before Redis' visibility timeout would re-deliver it.
         countdown = min(max(0.0, countdown), settings.visibility_timeout / 3)
-        return task.retry(args=(next_job.model_dump(mode="json"),), countdown=countdown, max_retries=None)
+        return task.retry(
+            args=(next_job.model_dump(mode="json"),),
+            countdown=countdown,
+            max_retries=None,
+            priority=stages.STAGE_PRIORITY[stage_name],
+        )
 
     try:
         job, delay = STAGE_FUNCTIONS[stage_name](job)
     except RateWait as wait:
-        raise again(job, wait.delay) from None
+        # Spread the re-tries: waking every refused task at the same instant only refuses them again.
+        raise again(job, wait.delay + random.uniform(0.0, 0.5)) from None
     except DocpipeError as exc:
         if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries):
             retried = job.model_copy(update={"attempts": job.attempts + 1})
