@@ -97,6 +97,19 @@ def status(job_id: str) -> None:
 
 
 @app.command()
+def callbacks(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="port; DOCPIPE_CALLBACK_BASE_URL must reach it")] = 8090,
+) -> None:
+    """Serve the callback receiver that callback providers (tuputech) deliver results to."""
+    import uvicorn
+
+    from pipeline.callbacks import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
 def demo(
     count: Annotated[int, typer.Option(help="how many sample documents to make")] = 24,
     workers: Annotated[int, typer.Option(help="Celery worker processes")] = 2,

@@ -11,24 +11,27 @@ import pytest
 
 from pipeline.devstack import LocalStack
 
-BAIDU_EMULATOR = {"processing_min": 0.5, "processing_max": 2.0}
+PROVIDERS = ("baidu", "idp", "tuputech")
+EMULATORS = {name: {"processing_min": 0.5, "processing_max": 2.0} for name in PROVIDERS}
+QUEUES = [f"docpipe.{name}" for name in PROVIDERS]
 FAST_POLLING = {
     "DOCPIPE_POLL_FIRST_DELAY": "1",
     "DOCPIPE_POLL_BASE_DELAY": "0.5",
     "DOCPIPE_POLL_MAX_DELAY": "2",
     "DOCPIPE_VISIBILITY_TIMEOUT": "30",
+    "DOCPIPE_IDP_LOGIN_COOLDOWN": "3",
+    "DOCPIPE_LEASE_GRACE": "5",
 }
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = LocalStack(
-        tmp_path_factory.mktemp("stack"), emulator_config={"baidu": BAIDU_EMULATOR}, settings=dict(FAST_POLLING)
-    )
+    local = LocalStack(tmp_path_factory.mktemp("stack"), emulator_config=EMULATORS, settings=dict(FAST_POLLING))
     try:
-        local.start_base(["baidu"])
-        local.start_worker("w1", ["docpipe.baidu"], wait=False)
-        local.start_worker("w2", ["docpipe.baidu"], wait=False)
+        local.start_base(PROVIDERS)
+        local.start_callbacks()
+        local.start_worker("w1", QUEUES, wait=False)
+        local.start_worker("w2", QUEUES, wait=False)
         local.wait_workers(["w1", "w2"])
         yield local
     finally:
@@ -61,14 +64,28 @@ class EmulatorControl:
         return httpx.post(f"{self.base_url}{path}").json()
 
 
-@pytest.fixture
-def baidu(stack: LocalStack) -> Iterator[EmulatorControl]:
-    """The session's baidu emulator, with its config and statistics reset around each test."""
-    control = EmulatorControl(stack.emulator_url("baidu"))
+def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:
+    """The session's emulator for ``name``, with its config and statistics reset around each test."""
+    control = EmulatorControl(stack.emulator_url(name))
     control.reset()
     stack.activate()
     yield control
     control.reset()
+
+
+@pytest.fixture
+def baidu(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "baidu")
+
+
+@pytest.fixture
+def idp(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "idp")
+
+
+@pytest.fixture
+def tuputech(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "tuputech")
 
 
 @pytest.fixture

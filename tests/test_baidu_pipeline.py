@@ -62,7 +62,7 @@ def test_corrupt_and_oversize_documents_fail_at_stage_without_a_provider_request
     corrupt = make_corrupt_pdf(docs / "broken.pdf")
     oversize = make_oversize_png(docs / "huge.png", megabytes=8.0)
     garbage = docs / "notes.pdf"
-    garbage.write_bytes(b"this is a text file with a .pdf name")
+    garbage.write_bytes(bytes(range(256)) * 4)  # binary that is no format at all
     empty = docs / "empty.png"
     empty.write_bytes(b"")
     good = make_batch(docs / "good", 2)

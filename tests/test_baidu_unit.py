@@ -91,8 +91,11 @@ def test_urlencoded_base64_size_matches_the_real_encoding(size):
         (b"\xff\xd8\xff\xe0", "jpeg"),
         (b"BM" + b"\x00" * 30, "bmp"),
         (b"PK\x03\x04" + b"\x00" * 26 + b"OFD.xml", "ofd"),
-        (b"PK\x03\x04" + b"\x00" * 26 + b"word/document.xml", None),
-        (b"hello", None),
+        (b"PK\x03\x04" + b"\x00" * 26 + b"word/document.xml", "docx"),
+        (b"PK\x03\x04" + b"\x00" * 26 + b"something.bin", None),
+        (b"hello", "txt"),
+        (b"<!DOCTYPE html><html>", "html"),
+        (b"\x00\x01\x02garbage", None),
         (b"", None),
     ],
 )
@@ -116,7 +119,7 @@ def test_transport_failures_become_transient_without_the_url_or_token():
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
-    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), http=httpx.Client(transport=httpx.MockTransport(refuse)))
+    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), leases=None, http=httpx.Client(transport=httpx.MockTransport(refuse)))
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings = runtime, settings
     request = runtime.http.build_request("POST", "http://baidu.invalid/x", params={"access_token": "TOKEN-SECRET"})

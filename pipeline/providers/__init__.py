@@ -10,6 +10,8 @@ from pipeline.runtime import get_runtime
 
 REGISTRY: dict[str, str] = {
     "baidu": "pipeline.providers.baidu:BaiduProvider",
+    "idp": "pipeline.providers.idp:IdpProvider",
+    "tuputech": "pipeline.providers.tuputech:TuputechProvider",
 }
 
 

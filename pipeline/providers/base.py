@@ -42,6 +42,8 @@ class Provider(ABC):
     limits: ClassVar[dict[str, Rate]]
     # The provider's own advice for the first poll after a submit.
     first_poll_delay: ClassVar[float] = 5.0
+    # Results arrive by callback (``docpipe callbacks``) instead of by polling the provider.
+    uses_callbacks: ClassVar[bool] = False
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -55,15 +57,40 @@ class Provider(ABC):
         """A non-secret name for the account whose limits apply (limits are per account)."""
         return "default"
 
-    def take_token(self, endpoint: str) -> None:
-        """Every request to a limited endpoint goes through here first, retries included."""
+    def max_in_flight(self) -> int | None:
+        """Tasks the account may have at the provider at once; None when only rates are limited."""
+        return None
+
+    def lease_key(self) -> str:
+        return f"{self.name}:{self.account()}"
+
+    def open_callback(self, body: bytes) -> dict[str, Any]:
+        """Verify and parse a callback body; raise ``CallbackRejected`` (forged or malformed)."""
+        raise CallbackRejected(404, f"{self.name} does not call back")
+
+    def callback_task_id(self, payload: dict[str, Any]) -> str | None:
+        """The provider task id a verified callback is about (checked against the job's)."""
+        return None
+
+    def take_token(self, endpoint: str, max_wait: float | None = None) -> None:
+        """Every request to a limited endpoint goes through here first, retries included.
+
+        A token at most ``max_wait`` away (default ``max_inline_wait``) is waited for in the
+        worker thread; one further away raises ``RateWait`` and the task re-schedules itself
+        instead of holding the thread. Polls pass a short wait: they are never urgent, and a
+        thread waiting for a poll token is a thread not submitting.
+        """
+        if not self.settings.global_limits:
+            return
         self.rt.limiter.acquire(
-            f"{self.name}:{self.account()}:{endpoint}", self.limits[endpoint], max_wait=self.settings.max_inline_wait
+            f"{self.name}:{self.account()}:{endpoint}",
+            self.limits[endpoint],
+            max_wait=self.settings.max_inline_wait if max_wait is None else max_wait,
         )
 
-    def send(self, endpoint: str, request: httpx.Request) -> httpx.Response:
+    def send(self, endpoint: str, request: httpx.Request, *, max_wait: float | None = None) -> httpx.Response:
         """Take a token, then send; transport failures become ``Transient`` without the URL in the message."""
-        self.take_token(endpoint)
+        self.take_token(endpoint, max_wait)
         try:
             response = self.rt.http.send(request)
         except httpx.TimeoutException as exc:
@@ -96,6 +123,17 @@ class Provider(ABC):
 
     def finished(self, job: Job) -> None:
         """The document reached its end (archived or failed): release what the provider held."""
+        if self.max_in_flight():
+            self.rt.leases.release(self.lease_key(), job.job_id)
+
+
+class CallbackRejected(Exception):
+    """A callback that is stored nowhere: ``status`` is the HTTP answer (400 malformed, 403 forged)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 def _retry_after(response: httpx.Response) -> float:

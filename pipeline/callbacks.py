@@ -1,0 +1,99 @@
+"""``docpipe callbacks``: where callback providers (tuputech) deliver results.
+
+A callback is verified with the provider's public key before anything is kept: a forged
+one gets 403, a malformed one 400, and neither is stored. A valid one is stored once
+(``SET NX``: a duplicate or a retried delivery changes nothing), answered at once (the
+provider gives us 5 s), and the document's concurrency lease is freed a moment after the
+answer, once the provider has counted the task as done. The waiting chain finds the
+result at its next look into the store; no worker waits on a socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from pipeline import jobs
+from pipeline.providers import get_provider, provider_names
+from pipeline.providers.base import CallbackRejected
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+STORE_TTL = 14 * 24 * 3600
+
+
+def _key(provider: str, job_id: str) -> str:
+    return f"docpipe:callback:{provider}:{job_id}"
+
+
+def store(provider: str, job_id: str, payload: dict[str, Any]) -> bool:
+    """Keep a verified result; False when one was already kept (the first delivery wins)."""
+    text = json.dumps(payload, ensure_ascii=False)
+    return bool(get_runtime().redis.set(_key(provider, job_id), text, nx=True, ex=STORE_TTL))
+
+
+def load(provider: str, job_id: str) -> dict[str, Any] | None:
+    raw = get_runtime().redis.get(_key(provider, job_id))
+    return None if raw is None else json.loads(raw)
+
+
+def forget(provider: str, job_id: str) -> None:
+    get_runtime().redis.delete(_key(provider, job_id))
+
+
+def _release_later(provider_name: str, job_id: str, delay: float) -> None:
+    time.sleep(delay)
+    provider = get_provider(provider_name)
+    if provider.max_in_flight():
+        provider.rt.leases.release(provider.lease_key(), job_id)
+
+
+async def receive(request: Request) -> JSONResponse:
+    """``POST /callbacks/{provider}/{job_id}``; the Redis work runs in a thread, off the event loop."""
+    body = await request.body()
+    return await run_in_threadpool(handle, request.path_params["provider"], request.path_params["job_id"], body)
+
+
+def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
+    if name not in provider_names() or not get_provider(name).uses_callbacks:
+        return JSONResponse({"error": "unknown provider"}, status_code=404)
+    provider = get_provider(name)
+    try:
+        payload = provider.open_callback(body)
+    except CallbackRejected as rejected:
+        log.warning("callback for %s/%s rejected (%d): %s", name, job_id, rejected.status, rejected.reason)
+        return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
+    expected = jobs.read(get_runtime().redis, job_id).get("provider_task_id")
+    task_id = provider.callback_task_id(payload)
+    if expected and task_id != expected:
+        log.warning("callback for %s/%s names task %s, not %s: refused", name, job_id, task_id, expected)
+        return JSONResponse({"error": "task does not match the job"}, status_code=409)
+    first = store(name, job_id, payload)
+    delay = get_runtime().settings.callback_release_delay
+    return JSONResponse(
+        {"stored": first, "duplicate": not first},
+        background=BackgroundTask(_release_later, name, job_id, delay),
+    )
+
+
+def health(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+def create_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/callbacks/{provider}/{job_id}", receive, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )

@@ -1,0 +1,182 @@
+"""tuputech end to end: signed submits, signed callbacks, the 30-task lease, on real processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline import DocumentFailedError, enqueue, storage
+from pipeline.devstack import LocalStack
+from pipeline.providers.tuputech_wire import generate_key_pair, seal
+from pipeline.samples import make_report_pdf
+from tests.conftest import FAST_POLLING, EmulatorControl
+
+
+def _reports(folder: Path, count: int) -> list:
+    samples = []
+    for n in range(count):
+        flagged = None if n % 3 == 0 else 1
+        word = "FORBIDDEN" if n % 3 == 1 else "REVIEW"
+        samples.append(make_report_pdf(folder / f"report-{n:03d}.pdf", n, flagged_page=flagged, word=word))
+    return samples
+
+
+def _names(provider: str, job_id: str) -> set[str]:
+    prefix = storage.archive_prefix(provider, job_id)
+    return {o["Key"][len(prefix):] for o in storage.list_objects(storage.get_settings().results_bucket, prefix)}
+
+
+def test_batch_is_moderated_with_verdicts_and_page_texts(tuputech, docs):
+    tuputech.config(callback_rule="all")
+    samples = _reports(docs, 21)
+    handles = [enqueue(s.path, provider="tuputech", options={"callback_rule": "all"}) for s in samples]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda h: h.wait(timeout=240), handles))
+    for sample, handle, result in zip(samples, handles, results):
+        assert result.moderation is not None
+        assert result.moderation.suggestion == sample.expected["verdict"], sample.path.name
+        pages = int(sample.expected["pages"])
+        assert result.document.pages == pages
+        if sample.expected["verdict"] != "pass":
+            assert result.moderation.pages == [1]
+        names = _names("tuputech", handle.job_id)
+        assert {"result.json", "raw.json"} <= names
+        assert {f"pages/{n}.txt" for n in range(1, pages + 1)} <= names
+        assert f"Quarterly report" in result.pages[0].text
+        raw = json.dumps(storage.get_json(storage.archive_prefix("tuputech", handle.job_id) + "raw.json"))
+        assert "X-Amz-Signature=REDACTED" in raw or "X-Amz-Signature" not in raw
+        assert "signature" not in json.loads(raw)
+    stats = tuputech.stats()
+    assert stats["max_in_flight_seen"] <= 30
+    assert stats["endpoints"]["submit"]["accepted"] == len(samples)
+
+
+def _callback_url(stack: LocalStack, job_id: str) -> str:
+    return f"{stack.env['DOCPIPE_CALLBACK_BASE_URL']}/callbacks/tuputech/{job_id}"
+
+
+def test_forged_malformed_and_duplicate_callbacks(stack, tuputech, docs):
+    sample = _reports(docs, 1)[0]
+    handle = enqueue(sample.path, provider="tuputech")
+    result = handle.wait(timeout=120)
+    url = _callback_url(stack, handle.job_id)
+
+    forger_key, _ = generate_key_pair()
+    payload = {"code": 0, "message": "success", "requestId": result.provider_task_id, "docInfo": {"pages": 1, "images": 0, "textLength": 1}}
+    forged = httpx.post(url, json=seal(forger_key, payload))
+    assert forged.status_code == 403
+    assert httpx.post(url, content=b"not json").status_code == 400
+    assert httpx.post(url, json={"json": "{}"}).status_code == 400
+    other = f"{stack.env['DOCPIPE_CALLBACK_BASE_URL']}/callbacks/tuputech/never-submitted"
+    assert httpx.post(other, json=seal(forger_key, payload)).status_code == 403
+
+    import redis
+
+    store = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
+    assert store.get(f"docpipe:callback:tuputech:{handle.job_id}") is None
+    assert store.get("docpipe:callback:tuputech:never-submitted") is None
+
+    # A genuine callback delivered twice (the provider retries): stored once, harmless.
+    provider_key = stack.tuputech_keys()["provider_private"]
+    second = make_report_pdf(docs / "second.pdf", 5)
+    handle2 = enqueue(second.path, provider="tuputech")
+    result2 = handle2.wait(timeout=120)
+    replay = {**payload, "requestId": result2.provider_task_id}
+    first = httpx.post(_callback_url(stack, handle2.job_id), json=seal(provider_key, replay))
+    again = httpx.post(_callback_url(stack, handle2.job_id), json=seal(provider_key, replay))
+    assert first.status_code == again.status_code == 200
+    assert again.json()["duplicate"] is True
+    # The archive keeps the first (real) result: nothing was overwritten.
+    assert handle2.wait(timeout=5).moderation == result2.moderation
+    wrong_task = httpx.post(_callback_url(stack, handle2.job_id), json=seal(provider_key, {**replay, "requestId": "someone-else"}))
+    assert wrong_task.status_code == 409
+
+
+def test_a_document_the_provider_cannot_read_fails_with_code_14(tuputech, docs):
+    tuputech.config(max_doc_bytes=100)
+    sample = _reports(docs, 1)[0]
+    handle = enqueue(sample.path, provider="tuputech")
+    with pytest.raises(DocumentFailedError) as failure:
+        handle.wait(timeout=120)
+    assert failure.value.error.stage == "await"
+    assert failure.value.error.provider_code == "14"
+
+
+# --- the concurrency limit on its own stack (the workers read the limit at start) --------------
+
+
+LIMIT = 3
+
+
+@pytest.fixture(scope="module")
+def limited_stack(tmp_path_factory: pytest.TempPathFactory):
+    local = LocalStack(
+        tmp_path_factory.mktemp("limited"),
+        emulator_config={"tuputech": {"processing_min": 0.5, "processing_max": 1.5}},
+        settings={**FAST_POLLING, "DOCPIPE_TUPUTECH_MAX_IN_FLIGHT": str(LIMIT), "DOCPIPE_LEASE_GRACE": "4"},
+    )
+    try:
+        local.start_base(["tuputech"])
+        local.start_callbacks()
+        local.start_worker("l1", ["docpipe.tuputech"], wait=False)
+        local.start_worker("l2", ["docpipe.tuputech"], wait=False)
+        local.wait_workers(["l1", "l2"])
+        yield local
+    finally:
+        local.stop()
+
+
+def test_never_more_than_the_limit_in_flight_at_the_provider(limited_stack, tmp_path):
+    limited_stack.activate()
+    control = EmulatorControl(limited_stack.emulator_url("tuputech"))
+    control.reset()
+    handles = [enqueue(s.path, provider="tuputech") for s in _reports(tmp_path, 20)]
+    for handle in handles:
+        handle.wait(timeout=240)
+    stats = control.stats()
+    assert stats["tasks_accepted"] == 20
+    assert stats["max_in_flight_seen"] == LIMIT
+
+
+def test_a_killed_worker_does_not_hold_its_lease_past_the_grace(limited_stack, tmp_path):
+    """A worker killed between taking a lease and submitting: the slot is free again within the grace."""
+    limited_stack.activate()
+    from pipeline.runtime import get_runtime
+    from pipeline.providers import get_provider
+
+    rt = get_runtime()
+    provider = get_provider("tuputech")
+    key = provider.lease_key()
+    # Hold the slots as a dead worker would: taken with the grace TTL, never confirmed.
+    for n in range(LIMIT):
+        assert rt.leases.try_acquire(key, f"dead-worker-{n}", LIMIT, rt.settings.lease_grace)
+    started = time.monotonic()
+    handle = enqueue(_reports(tmp_path, 1)[0].path, provider="tuputech")
+    handle.wait(timeout=120)
+    waited = time.monotonic() - started
+    assert waited >= rt.settings.lease_grace - 1  # it really had to wait for the dead leases...
+    assert waited < rt.settings.lease_grace + 30  # ...and not longer than their grace (plus the work)
+
+
+def test_kill_9_of_a_worker_mid_batch_loses_nothing_and_leaks_no_lease(limited_stack, tmp_path):
+    limited_stack.activate()
+    control = EmulatorControl(limited_stack.emulator_url("tuputech"))
+    control.reset()
+    victim = limited_stack.start_worker("victim", ["docpipe.tuputech"])
+    handles = [enqueue(s.path, provider="tuputech") for s in _reports(tmp_path, 12)]
+    time.sleep(2)
+    victim.kill()
+    limited_stack.procs.pop("worker-victim")
+    for handle in handles:
+        handle.wait(timeout=300)
+    stats = control.stats()
+    assert stats["max_in_flight_seen"] <= LIMIT
+    from pipeline.runtime import get_runtime
+    from pipeline.providers import get_provider
+
+    assert get_runtime().leases.held(get_provider("tuputech").lease_key()) == 0
