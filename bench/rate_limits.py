@@ -86,7 +86,7 @@ def run_once(stack: LocalStack, docs: list[Path], workers: int, mode: str, run_i
     env = BASELINE if mode == "celery_rate_limit" else {}
     names = [f"{mode}-{workers}-{i}" for i in range(workers)]
     for name in names:
-        stack.start_worker(name, ["docpipe.baidu"], pool="threads", concurrency=8, env=env, wait=False)
+        stack.start_worker(name, ["docpipe.baidu"], pool="threads", concurrency=4, env=env, wait=False)
     stack.wait_workers(names)
     try:
         started = time.monotonic()

@@ -115,11 +115,16 @@ def demo(
     workers: Annotated[int, typer.Option(help="Celery worker processes")] = 2,
     out: Annotated[Path, typer.Option(help="where the archive is copied")] = Path("demo-output"),
     keep_up: Annotated[bool, typer.Option("--keep-up", help="leave the stack running for Flower until Ctrl-C")] = False,
+    providers: Annotated[str, typer.Option(help="comma-separated providers to run")] = ",".join(provider_names()),
 ) -> None:
-    """Run a sample batch through a local stack (Redis, S3, emulators, workers, Flower)."""
+    """Run a sample batch through a local stack (Redis, S3, emulators, callbacks, workers, Flower)."""
     from pipeline.demo import run_demo
 
-    raise typer.Exit(run_demo(count=count, workers=workers, out=out, keep_up=keep_up, console=console))
+    chosen = tuple(p.strip() for p in providers.split(",") if p.strip())
+    unknown = set(chosen) - set(provider_names())
+    if unknown:
+        raise typer.BadParameter(f"unknown providers: {', '.join(sorted(unknown))}")
+    raise typer.Exit(run_demo(count=count, workers=workers, out=out, keep_up=keep_up, console=console, providers=chosen))
 
 
 def main() -> None:

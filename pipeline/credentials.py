@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.errors import Transient
+from pipeline.errors import DocpipeError, Permanent, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,35 @@ class SharedCredential:
     def _margin(cred: Credential) -> float:
         return 60.0 if cred.expires_at - time.time() > 600 else 5.0
 
+    def _cool_down(self, exc: Exception, stale: str | None) -> None:
+        """Remember the failure for every worker: none tries again before the cool-down ends.
+
+        A refusal that retrying cannot fix (wrong credentials) is remembered as such, so the
+        documents that need a login meanwhile fail with it at once instead of each trying a
+        login of its own (which could lock the account out). The stale credential is dropped
+        so that nobody spends a request on it.
+        """
+        permanent = isinstance(exc, DocpipeError) and not exc.retryable
+        memo = {"permanent": permanent, "message": str(exc), "code": getattr(exc, "code", "auth_failed")}
+        pipe = self._redis.pipeline()
+        pipe.set(self._cooldown_key, json.dumps(memo), px=int(self._cooldown * 1000))
+        if stale is not None:
+            pipe.delete(self._key)
+        pipe.execute()
+
+    def _raise_if_cooling(self) -> None:
+        raw, left_ms = self._redis.get(self._cooldown_key), self._redis.pttl(self._cooldown_key)
+        if raw is None or not left_ms or left_ms <= 0:
+            return
+        memo = json.loads(raw)
+        if memo.get("permanent"):
+            raise Permanent(memo["message"], code=memo.get("code", "auth_failed"))
+        raise RateLimited(
+            f"credential refresh is cooling down after a failure ({left_ms / 1000:.0f}s left): {memo['message']}",
+            code="auth_cooldown",
+            retry_after=left_ms / 1000,
+        )
+
     def _read(self) -> Credential | None:
         raw = self._redis.get(self._key)
         if raw is None:
@@ -80,16 +109,11 @@ class SharedCredential:
             cached = self._read()
             if cached is not None and cached.value != stale and cached.fresh(self._margin(cached) if not force else 0):
                 return cached.value  # another worker refreshed while we waited for the lock
-            cooling = self._redis.pttl(self._cooldown_key)
-            if cooling and cooling > 0:
-                raise Transient(
-                    f"credential refresh is cooling down after a failure ({cooling / 1000:.0f}s left)",
-                    code="auth_cooldown",
-                )
+            self._raise_if_cooling()
             try:
                 value, lifetime = self._fetch()
-            except Exception:
-                self._redis.set(self._cooldown_key, "1", px=int(self._cooldown * 1000))
+            except Exception as exc:
+                self._cool_down(exc, stale)
                 raise
             expires_at = time.time() + lifetime
             self._redis.set(

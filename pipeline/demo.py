@@ -1,10 +1,11 @@
 """``docpipe demo``: a sample batch through a whole local stack, start to finish.
 
-It starts redis-server, moto's S3 server, the baidu emulator, Celery workers and Flower
-as local processes; makes sample invoices, ID cards and receipts (and one broken PDF);
-puts them in an inbox bucket; ingests the prefix with a progress bar; prints where each
-result landed; copies the archive to a local folder (the S3 server keeps data in
-memory); and stops everything it started, Ctrl-C included.
+It starts redis-server, moto's S3 server, the three provider emulators, the callback
+receiver, Celery workers and Flower as local processes; makes sample documents (invoices,
+ID cards and receipts for OCR and extraction, reports for moderation, one broken PDF);
+puts them in an inbox bucket, one prefix per provider; ingests each prefix with a
+progress bar; prints where each result landed; copies the archive to a local folder (the
+S3 server keeps data in memory); and stops everything it started, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipeline import progress, storage
 from pipeline.devstack import LocalStack
 
 INBOX_BUCKET = "docpipe-inbox"
-DEMO_PROVIDER = "baidu"
+PROVIDERS = ("baidu", "idp", "tuputech")
 
 
 def _copy_archive(out: Path) -> int:
@@ -33,40 +34,60 @@ def _copy_archive(out: Path) -> int:
     return copied
 
 
-def run_demo(*, count: int, workers: int, out: Path, keep_up: bool, console: Console) -> int:
+def _samples(folder: Path, provider: str, count: int) -> list:
+    from pipeline import samples
+
+    if provider == "tuputech":
+        return [
+            samples.make_report_pdf(folder / f"report-{n:03d}.pdf", n, flagged_page=None if n % 3 == 0 else 1,
+                                    word="FORBIDDEN" if n % 3 == 1 else "REVIEW")
+            for n in range(count)
+        ]
+    return samples.make_batch(folder, count, corrupt=1 if provider == "baidu" else 0)
+
+
+def run_demo(*, count: int, workers: int, out: Path, keep_up: bool, console: Console, providers: tuple[str, ...] = PROVIDERS) -> int:
     out = out.resolve()
     if out.exists():
         shutil.rmtree(out)
     workdir = out / "stack"
     stack = LocalStack(
         workdir,
-        emulator_config={DEMO_PROVIDER: {"processing_min": 2.0, "processing_max": 6.0}},
-        # Baidu advises a first poll 30 s after submit; the emulator is quicker, so the demo is too.
-        settings={"DOCPIPE_POLL_FIRST_DELAY": "3", "DOCPIPE_POLL_BASE_DELAY": "1", "DOCPIPE_POLL_MAX_DELAY": "5"},
+        emulator_config={name: {"processing_min": 2.0, "processing_max": 6.0} for name in providers},
+        # Baidu advises a first poll 30 s after submit; the emulators are quicker, so the demo is too.
+        settings={
+            "DOCPIPE_POLL_FIRST_DELAY": "3",
+            "DOCPIPE_POLL_BASE_DELAY": "1",
+            "DOCPIPE_POLL_MAX_DELAY": "5",
+            "DOCPIPE_TUPUTECH_CALLBACK_RULE": "all",
+        },
     )
+    queues = [f"docpipe.{name}" for name in providers]
     try:
-        with console.status("starting redis-server, S3 (moto), the baidu emulator, workers and Flower..."):
-            stack.start_base([DEMO_PROVIDER])
-            for n in range(workers):
-                stack.start_worker(f"demo{n + 1}", [f"docpipe.{DEMO_PROVIDER}"], wait=False)
-            stack.wait_workers([f"demo{n + 1}" for n in range(workers)])
+        with console.status("starting redis-server, S3 (moto), the emulators, the callback receiver, workers and Flower..."):
+            stack.start_base(providers)
+            stack.start_callbacks()
+            names = [f"demo{n + 1}" for n in range(workers)]
+            for name in names:
+                stack.start_worker(name, queues, wait=False)
+            stack.wait_workers(names)
             stack.start_flower()
-        console.print(f"stack up: {workers} workers, Flower at [link]{stack.flower_url}[/link], logs in {workdir}")
+        console.print(f"stack up: {workers} workers on {', '.join(queues)}; Flower at [link]{stack.flower_url}[/link]; logs in {workdir}")
 
-        from pipeline import samples
         from pipeline.ingest import ingest
 
-        samples_dir = out / "samples"
-        made = samples.make_batch(samples_dir, count, corrupt=1)
         client = storage.s3_client()
         client.create_bucket(Bucket=INBOX_BUCKET)
-        for sample in made:
-            client.upload_file(str(sample.path), INBOX_BUCKET, f"samples/{sample.path.name}")
-        console.print(f"made {len(made)} documents in {samples_dir}, uploaded to s3://{INBOX_BUCKET}/samples/")
-
+        handles = []
         started = time.monotonic()
-        report = ingest(f"s3://{INBOX_BUCKET}/samples/", DEMO_PROVIDER)
-        outcomes = progress.track(report.handles, timeout=600, console=console)
+        for provider in providers:
+            made = _samples(out / "samples" / provider, provider, count if provider == "baidu" else max(4, count // 2))
+            for sample in made:
+                client.upload_file(str(sample.path), INBOX_BUCKET, f"{provider}/{sample.path.name}")
+            console.print(f"{provider}: {len(made)} documents -> s3://{INBOX_BUCKET}/{provider}/")
+            handles += ingest(f"s3://{INBOX_BUCKET}/{provider}/", provider).handles
+
+        outcomes = progress.track(handles, timeout=900, console=console)
         elapsed = time.monotonic() - started
 
         console.print(progress.summary_table(outcomes))
@@ -74,8 +95,8 @@ def run_demo(*, count: int, workers: int, out: Path, keep_up: bool, console: Con
         copied = _copy_archive(out / "archive")
         console.print(
             f"\n[bold]{counts['done']} done, {counts['failed']} failed[/] of {len(outcomes)} in {elapsed:.1f}s\n"
-            f"results: s3://{storage.get_settings().results_bucket}/{DEMO_PROVIDER}/<job_id>/ "
-            f"(result.json, raw.json or error.json)\n"
+            f"results: s3://{storage.get_settings().results_bucket}/<provider>/<job_id>/ "
+            f"(result.json + raw.json [+ highlight.pdf, pages/], or error.json)\n"
             f"archive copied to {out / 'archive'} ({copied} files)\n"
             f"Flower: {stack.flower_url}"
         )

@@ -297,7 +297,8 @@ class LocalStack:
                 if not self.procs[f"worker-{n}"].alive():
                     raise RuntimeError(f"worker {n} exited:\n{self.procs[f'worker-{n}'].tail()}")
             hostnames = {f"{n}@{socket.gethostname()}" for n in names}
-            replies = app.control.ping(destination=list(hostnames), timeout=1.0)
+            with app.connection_for_write() as conn:  # fresh: survives a Redis restart
+                replies = app.control.ping(destination=list(hostnames), timeout=1.0, connection=conn)
             answered = {host for reply in replies for host in reply}
             return hostnames <= answered
 

@@ -59,13 +59,14 @@ def _outcome(handle: JobHandle, state: str) -> Outcome:
 
 def summary_table(outcomes: list[Outcome]) -> Table:
     table = Table(title="docpipe batch", show_lines=False)
+    table.add_column("provider")
     table.add_column("source", overflow="fold")
     table.add_column("state")
     table.add_column("archive / reason", overflow="fold")
     for outcome in outcomes:
         style = {"done": "green", "failed": "red"}.get(outcome.state, "yellow")
         where = outcome.location + (f"\n{outcome.reason}" if outcome.reason else "")
-        table.add_row(outcome.handle.source, f"[{style}]{outcome.state}[/]", where)
+        table.add_row(outcome.handle.provider, outcome.handle.source, f"[{style}]{outcome.state}[/]", where)
     return table
 
 

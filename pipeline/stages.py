@@ -15,6 +15,8 @@ import random
 import time
 from datetime import datetime, timezone
 
+import redis
+
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
 from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError, RateWait
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("stage", "submit", "await", "fetch", "archive")
 # Redis broker priority per stage (0 is served first): finish started documents before starting new ones.
-POLL_SPREAD = 0.3  # seconds over which refused polls come back
 STAGE_PRIORITY = {"archive": 0, "fetch": 1, "await": 2, "submit": 3, "stage": 4}
 
 
@@ -113,10 +114,28 @@ def submit(job: Job) -> Job:
             rt.leases.release(provider.lease_key(), job.job_id)
         raise
     submitted_at = time.time()
-    jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
+    _remember_acceptance(job, task_id, submitted_at)
     if limit:
         rt.leases.extend(provider.lease_key(), job.job_id, deadline)
     return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at, "polls": 0})
+
+
+def _remember_acceptance(job: Job, task_id: str, submitted_at: float, patience: float = 120.0) -> None:
+    """Record the provider's task id, insisting: the provider has accepted (and bills) the task,
+    so losing its id to a Redis blip would submit the document a second time on retry."""
+    rt = get_runtime()
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    while True:
+        try:
+            jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
+            return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: accepted as %s but Redis is unreachable; retrying the record", job.label(), task_id)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 # --- await ---------------------------------------------------------------------------------
@@ -152,9 +171,9 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     try:
         outcome = get_provider(job.provider).poll(job)
     except RateWait as wait:
-        # The result endpoint is busy: come back just after the token we were told of, spread
-        # over a little while so that the refused polls do not all race for the same one.
-        return job, wait.delay + random.uniform(0.0, POLL_SPREAD)
+        # The result endpoint is busy: come back after the token we were told of, spread over
+        # up to one poll interval so that the refused polls do not all race for the same one.
+        return job, wait.delay + random.uniform(0.0, policy.next_delay(max(job.polls, 1)))
     job = job.model_copy(update={"polls": job.polls + 1})
     if not outcome.done:
         return job, policy.next_delay(job.polls)

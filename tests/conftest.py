@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from pipeline.devstack import LocalStack
 
@@ -71,6 +72,10 @@ def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:
     stack.activate()
     yield control
     control.reset()
+    # A failed login leaves a cool-down for every worker; it must not outlive the test that caused it.
+    client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
+    for key in client.scan_iter(f"docpipe:cred-cooldown:{name}:*"):
+        client.delete(key)
 
 
 @pytest.fixture
