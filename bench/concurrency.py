@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--processing", default="", metavar="MIN,MAX", help="emulator processing seconds (default: its own)")
     args = parser.parse_args(argv)
+    emulator: dict[str, Any] = {}
+    if args.processing:
+        low, high = (float(v) for v in args.processing.split(","))
+        emulator = {"processing_min": low, "processing_max": high}
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="docpipe-bench-") as tmp:
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "DOCPIPE_POLL_BASE_DELAY": "0.5",
             "DOCPIPE_POLL_MAX_DELAY": "2",
         }
-        with LocalStack(workdir / "stack", settings=settings) as stack:
+        with LocalStack(workdir / "stack", emulator_config={"tuputech": emulator}, settings=settings) as stack:
             stack.start_base(["tuputech"])
             stack.start_callbacks()
             names = [f"bench{n}" for n in range(args.workers)]
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "benchmark": "B2 concurrency",
         "limit": args.limit,
+        "processing_seconds": args.processing or "emulator default (uniform 2..8)",
         "target_met": ours["max_in_flight"] == args.limit and ours["share_at_limit_while_waiting"] >= 0.9,
         "speedup_vs_batches": round(rows[1]["seconds"] / ours["seconds"], 2) if ours["seconds"] else None,
         "runs": rows,

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="Longest wait for a poll's rate token in the worker thread. A refused poll re-schedules itself "
         "to just after the token it was told of, so waiting threads are not spent on polls that are never urgent.",
     )
+    lease_max_wait: float = Field(
+        10.0,
+        description="Longest wait for a concurrency slot in the worker thread (blocked on Redis, not the CPU); "
+        "a waiter already in line takes a freed slot within milliseconds.",
+    )
     lease_grace: float = Field(
         15.0, description="Seconds a concurrency lease lives until the provider confirms the submit (a dead worker's lease frees this fast)."
     )
@@ -90,7 +95,7 @@ class Settings(BaseSettings):
     tuputech_callback_rule: str | None = None
     callback_base_url: str = "http://127.0.0.1:8090"
     callback_release_delay: float = Field(
-        0.1, description="Seconds after answering a callback before its lease is freed, so the provider has counted the task done."
+        0.02, description="Seconds after answering a callback before its lease is freed, so the provider has counted the task done."
     )
 
 

@@ -87,9 +87,10 @@ def stage(job: Job) -> Job:
 def submit(job: Job) -> Job:
     """Send the document once: a re-delivered submit finds the task id already recorded.
 
-    Where the provider limits tasks in flight, a lease is taken first with a short TTL (a
-    worker that dies before sending frees it within seconds) and lengthened to the
-    document's deadline once the provider has accepted the task.
+    Where the provider limits tasks in flight, the provider takes a lease right before its
+    request (``Provider.take_slot``) with a short TTL, so a worker that dies before sending
+    frees it within seconds; here it is lengthened to the document's deadline once the
+    provider has accepted the task, or freed when the provider refused it.
     """
     rt = get_runtime()
     provider = get_provider(job.provider)
@@ -103,8 +104,6 @@ def submit(job: Job) -> Job:
         return job.model_copy(
             update={"provider_task_id": record["provider_task_id"], "submitted_at": float(record.get("submitted_at") or time.time())}
         )
-    if limit:
-        rt.leases.acquire(provider.lease_key(), job.job_id, limit, rt.settings.lease_grace, max_wait=rt.settings.max_inline_wait)
     try:
         task_id = provider.submit(job)
     except Exception as exc:

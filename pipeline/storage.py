@@ -160,5 +160,11 @@ def finished(provider: str, job_id: str) -> str | None:
     return None
 
 
+def archive_names(provider: str, job_id: str) -> set[str]:
+    """The names in a job's archive prefix (``result.json``, ``raw.json``, artifacts, ``error.json``)."""
+    prefix = archive_prefix(provider, job_id)
+    return {o["Key"][len(prefix) :] for o in list_objects(get_settings().results_bucket, prefix)}
+
+
 def get_json(key: str) -> Any:
     return json.loads(read_object(get_settings().results_bucket, key))

@@ -12,11 +12,6 @@ from pipeline import DocumentFailedError, enqueue, storage
 from pipeline.samples import make_batch, make_corrupt_pdf, make_oversize_png
 
 
-def _archive_names(provider: str, job_id: str) -> set[str]:
-    prefix = storage.archive_prefix(provider, job_id)
-    return {o["Key"][len(prefix):] for o in storage.list_objects(storage.get_settings().results_bucket, prefix)}
-
-
 def test_batch_of_documents_is_archived_with_correct_results(baidu, docs):
     samples = make_batch(docs, 22)
     handles = [enqueue(s.path, provider="baidu") for s in samples]
@@ -36,7 +31,7 @@ def test_batch_of_documents_is_archived_with_correct_results(baidu, docs):
             assert {f.name for f in rows} == {"Item", "Qty", "Amount"}
         if sample.kind == "receipt-jpeg":
             assert values["Document hash"]  # derived from the bytes by the emulator
-        assert _archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
+        assert storage.archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
         raw = storage.get_json(storage.archive_prefix("baidu", handle.job_id) + "raw.json")
         assert raw["task_result"]["status"] == "Success"
 
@@ -79,7 +74,7 @@ def test_corrupt_and_oversize_documents_fail_at_stage_without_a_provider_request
         assert error.code == expected_codes[name]
         assert name in error.message  # the error names the document
         assert error.retryable is False
-        assert _archive_names("baidu", handle.job_id) == {"error.json"}
+        assert storage.archive_names("baidu", handle.job_id) == {"error.json"}
     for handle in good_handles:  # the bad ones lose nothing else in the batch
         handle.wait(timeout=120)
 
@@ -149,7 +144,7 @@ def test_a_redis_killed_and_restarted_mid_batch_loses_no_document_and_archives_n
         handle.wait(timeout=300)
     assert baidu.endpoint("submit")["accepted"] == len(samples)  # nothing submitted twice
     for handle in handles:
-        assert _archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
+        assert storage.archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
 
 
 def test_a_worker_killed_mid_batch_loses_no_document(stack, baidu, docs):
@@ -162,7 +157,7 @@ def test_a_worker_killed_mid_batch_loses_no_document(stack, baidu, docs):
 
     for handle in handles:
         handle.wait(timeout=300)
-        assert _archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
+        assert storage.archive_names("baidu", handle.job_id) == {"result.json", "raw.json"}
     # A document whose submit the kill cut between the provider's answer and our record of it
     # is submitted again (the one window no client of a provider without idempotency keys can
     # close); every other one exactly once.

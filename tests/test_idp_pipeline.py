@@ -26,11 +26,6 @@ from pipeline.samples import make_batch
 from tests.conftest import EmulatorControl
 
 
-def _archive_names(job_id: str) -> set[str]:
-    prefix = storage.archive_prefix("idp", job_id)
-    return {o["Key"][len(prefix):] for o in storage.list_objects(storage.get_settings().results_bucket, prefix)}
-
-
 def _archived(job_id: str, name: str) -> bytes:
     return storage.read_object(storage.get_settings().results_bucket, storage.archive_prefix("idp", job_id) + name)
 
@@ -83,7 +78,7 @@ def test_batch_of_documents_is_archived_with_results_and_highlight(idp, docs):
             assert values["Document hash"]  # derived from the bytes by the emulator
         assert result.pages and result.artifacts == ["highlight.pdf"]
 
-        assert _archive_names(handle.job_id) == {"result.json", "raw.json", "highlight.pdf"}
+        assert storage.archive_names("idp", handle.job_id) == {"result.json", "raw.json", "highlight.pdf"}
         raw = json.loads(_archived(handle.job_id, "raw.json"))
         assert raw["item"]["status"] == wire.ExtractStatus.PRELABEL_SUCCEEDED
         assert str(raw["item"]["id"]) == result.provider_task_id
@@ -171,7 +166,7 @@ def test_provider_failure_ends_in_error_json_at_await(idp, docs):
     error = failure.value.error
     assert (error.stage, error.code, error.retryable) == ("await", "provider_failed", False)
     assert error.provider_code in {"2", "4", "20001"} and error.provider_task_id
-    assert _archive_names(handle.job_id) == {"error.json"}
+    assert storage.archive_names("idp", handle.job_id) == {"error.json"}
 
 
 def test_an_unsupported_format_fails_at_stage_without_a_provider_request(idp, docs):

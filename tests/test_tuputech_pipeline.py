@@ -26,11 +26,6 @@ def _reports(folder: Path, count: int) -> list:
     return samples
 
 
-def _names(provider: str, job_id: str) -> set[str]:
-    prefix = storage.archive_prefix(provider, job_id)
-    return {o["Key"][len(prefix):] for o in storage.list_objects(storage.get_settings().results_bucket, prefix)}
-
-
 def test_batch_is_moderated_with_verdicts_and_page_texts(tuputech, docs):
     tuputech.config(callback_rule="all")
     samples = _reports(docs, 21)
@@ -44,7 +39,7 @@ def test_batch_is_moderated_with_verdicts_and_page_texts(tuputech, docs):
         assert result.document.pages == pages
         if sample.expected["verdict"] != "pass":
             assert result.moderation.pages == [1]
-        names = _names("tuputech", handle.job_id)
+        names = storage.archive_names("tuputech", handle.job_id)
         assert {"result.json", "raw.json"} <= names
         assert {f"pages/{n}.txt" for n in range(1, pages + 1)} <= names
         assert f"Quarterly report" in result.pages[0].text

@@ -88,8 +88,26 @@ class Provider(ABC):
             max_wait=self.settings.max_inline_wait if max_wait is None else max_wait,
         )
 
-    def send(self, endpoint: str, request: httpx.Request, *, max_wait: float | None = None) -> httpx.Response:
-        """Take a token, then send; transport failures become ``Transient`` without the URL in the message."""
+    def take_slot(self, job: Job) -> None:
+        """Hold one of the account's in-flight slots for ``job`` (a lease with a short grace).
+
+        Taken as late as possible, right before the request that creates the provider task,
+        so that a freed slot is filled by a request already built and signed.
+        """
+        limit = self.max_in_flight()
+        if limit:
+            settings = self.settings
+            self.rt.leases.acquire(self.lease_key(), job.job_id, limit, settings.lease_grace, max_wait=settings.lease_max_wait)
+
+    def send(
+        self, endpoint: str, request: httpx.Request, *, max_wait: float | None = None, slot_for: Job | None = None
+    ) -> httpx.Response:
+        """Take a slot (``slot_for``: the request creates a provider task) and a rate token, then send.
+
+        Transport failures become ``Transient`` without the URL in the message.
+        """
+        if slot_for is not None:
+            self.take_slot(slot_for)
         self.take_token(endpoint, max_wait)
         try:
             response = self.rt.http.send(request)

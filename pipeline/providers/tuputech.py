@@ -63,7 +63,7 @@ def redact_presigned(value: Any) -> Any:
 class TuputechProvider(Provider):
     name: ClassVar[str] = "tuputech"
     limits: ClassVar[dict[str, Rate]] = {
-        "submit": Rate(30, per=1.0),  # the seed documents none: our own courtesy limit
+        "submit": Rate(50, per=1.0),  # the seed documents none: our own courtesy limit
         "text": Rate(20, per=1.0),
     }
     first_poll_delay: ClassVar[float] = 1.0  # polling is a Redis lookup, not a provider request
@@ -139,7 +139,8 @@ class TuputechProvider(Provider):
             custom_info=job.options.get("custom_info"),
         )
         path = SUBMIT_PATH.format(secret_id=self.settings.tuputech_secret_id.get_secret_value())
-        response = self.send("submit", self.rt.http.build_request("POST", self._base + path, json=body))
+        request = self.rt.http.build_request("POST", self._base + path, json=body)
+        response = self.send("submit", request, slot_for=job)
         answer = SubmitResponse.model_validate(self._open(response.json(), "submit"))
         if answer.code != 0 or answer.result is None:
             raise error_for(answer.code, answer.message, "submit")

@@ -1,0 +1,86 @@
+"""The shell interface, and the promise that secrets stay out of logs, records and archives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from pipeline import storage
+from pipeline.devstack import DEMO_BAIDU_KEY, DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, LocalStack
+from pipeline.samples import make_batch, make_corrupt_pdf
+
+
+def docpipe(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **stack.env}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_submit_wait_prints_where_each_result_landed(stack, baidu, docs):
+    good = make_batch(docs, 2)
+    bad = make_corrupt_pdf(docs / "broken.pdf")
+    done = docpipe(stack, "submit", *(str(s.path) for s in good), "--provider", "baidu", "--wait", "--timeout", "180")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done 2, failed 0" in done.stdout
+    assert "s3://docpipe-results/baidu/" in done.stdout
+
+    failed = docpipe(stack, "submit", str(bad.path), "--provider", "baidu", "--wait", "--timeout", "180")
+    assert failed.returncode == 1  # a failed document makes the command fail...
+    assert "failed 1" in failed.stdout and "broken.pdf" in failed.stdout  # ...and says which and why
+    assert "error.json" in failed.stdout
+
+
+def test_unknown_provider_and_missing_file_are_clear_errors(stack, baidu, docs):
+    missing = docpipe(stack, "submit", str(docs / "nope.pdf"), "--provider", "baidu")
+    assert "no such file" in missing.stdout
+    unknown = docpipe(stack, "submit", str(docs / "nope.pdf"), "--provider", "nosuch")
+    assert unknown.returncode != 0 and "unknown provider" in (unknown.stdout + unknown.stderr)
+
+
+def test_ingest_of_a_prefix_skips_what_is_archived_on_a_second_run(stack, baidu, docs):
+    client = storage.s3_client()
+    client.create_bucket(Bucket="cli-inbox")
+    for sample in make_batch(docs, 3):
+        client.upload_file(str(sample.path), "cli-inbox", f"scans/{sample.path.name}")
+    first = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--timeout", "180")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "3 documents, 0 already archived" in first.stdout
+    submits = baidu.endpoint("submit")["accepted"]
+    again = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--timeout", "60")
+    assert "3 documents, 3 already archived" in again.stdout
+    assert baidu.endpoint("submit")["accepted"] == submits
+
+
+@pytest.mark.after_all
+def test_no_secret_in_any_log_record_or_archive(stack):
+    """After every other test ran on the stack: no key, password, token or signature leaked."""
+    keys = stack.tuputech_keys()
+    pem_line = keys["client_private"].splitlines()[1]  # a line of our private key's body
+    secrets = [DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, pem_line, "access_token=24.", "Bearer ey", "X-Amz-Signature=", '"signature"']
+    ours = [p for p in stack.workdir.glob("*.log") if not p.name.startswith(("emulator-", "redis", "s3"))]
+    assert any(p.name.startswith("worker-") for p in ours)
+    for log in ours:
+        text = log.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"{secret[:12]}... in {log.name}"
+        assert DEMO_BAIDU_KEY not in text
+
+    client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
+    for key in client.scan_iter("docpipe:job:*"):
+        record = json.dumps({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
+        for secret in secrets:
+            assert secret not in record
+
+    bucket = storage.get_settings().results_bucket
+    archived = 0
+    for obj in storage.list_objects(bucket):
+        if obj["Key"].endswith(".json"):
+            text = storage.read_object(bucket, obj["Key"]).decode()
+            archived += 1
+            for secret in secrets:
+                assert secret not in text, f"{secret[:12]}... in {obj['Key']}"
+    assert archived > 20
