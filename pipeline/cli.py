@@ -33,6 +33,11 @@ def _options(pairs: list[str] | None) -> dict:
     return options
 
 
+def _check_provider(provider: str) -> None:
+    if provider not in provider_names():
+        raise typer.BadParameter(f"unknown provider {provider!r}; known: {', '.join(provider_names())}", param_hint="--provider")
+
+
 def _finish(handles, wait: bool, timeout: float) -> None:
     if not wait:
         for h in handles:
@@ -58,14 +63,18 @@ def submit(
     """Send documents down the provider's chain."""
     from pipeline.enqueue import enqueue
 
+    _check_provider(provider)
     options = _options(option)
-    handles = []
+    handles, refused = [], 0
     for source in files:
         try:
             handles.append(enqueue(source, provider, options, retry_failed=retry_failed))
-        except (OSError, ValueError) as exc:
-            console.print(f"[red]{source}: {exc}[/]")
+        except (OSError, ValueError) as exc:  # the message names the document; the others go on
+            console.print(f"[red]{exc}[/]")
+            refused += 1
     _finish(handles, wait, timeout)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -80,6 +89,7 @@ def ingest(
     """Send every document under a prefix; what is already archived is skipped."""
     from pipeline.ingest import ingest as run_ingest
 
+    _check_provider(provider)
     report = run_ingest(location, provider, _options(option), retry_failed=retry_failed)
     for source, reason in report.errors:
         console.print(f"[red]{source}: {reason}[/]")
