@@ -13,7 +13,8 @@ from rich.console import Console
 from pipeline import progress
 from pipeline.providers import provider_names
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+# No locals in tracebacks: they would print settings and keys.
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
 
 ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help=f"one of: {', '.join(provider_names())}")]

@@ -37,6 +37,7 @@ def _copy_archive(out: Path) -> int:
 def _samples(folder: Path, provider: str, count: int) -> list:
     from pipeline import samples
 
+    folder.mkdir(parents=True, exist_ok=True)
     if provider == "tuputech":
         return [
             samples.make_report_pdf(folder / f"report-{n:03d}.pdf", n, flagged_page=None if n % 3 == 0 else 1,
