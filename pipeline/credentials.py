@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.errors import DocpipeError, Permanent, RateLimited
+from pipeline.errors import DocpipeError, Permanent, RateLimited, RateWait
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SharedCredential:
         fetch: Callable[[], tuple[str, float]],
         *,
         cooldown: float = 30.0,
-        lock_timeout: float = 30.0,
+        lock_timeout: float = 90.0,  # longer than a fetch can take (rate wait + HTTP timeouts)
     ) -> None:
         self._redis = client
         self._key = f"docpipe:cred:{key}"
@@ -112,6 +112,8 @@ class SharedCredential:
             self._raise_if_cooling()
             try:
                 value, lifetime = self._fetch()
+            except RateWait:
+                raise  # our own limiter said "later": nothing failed, no cool-down
             except Exception as exc:
                 self._cool_down(exc, stale)
                 raise

@@ -57,12 +57,12 @@ def _point_celery_at(broker_url: str) -> None:
 
     if app.conf.broker_url == broker_url:
         return
+    import kombu.pools
+
     app.conf.broker_url = broker_url
-    if app._pool is not None:
-        app._pool.force_close_all()
+    kombu.pools.reset()  # producer pools are kept per URL in kombu's registry: start them afresh
     app._pool = None
-    if "amqp" in app.__dict__:
-        app.amqp._producer_pool = None
+    app.amqp._producer_pool = None
 
 
 @dataclass

@@ -122,6 +122,10 @@ def enqueue(
         jobs.forget(rt.redis, job.job_id)
     elif jobs.in_flight(rt.redis, job.job_id, stale_after=rt.settings.job_deadline):
         return JobHandle(job.job_id, provider, job.source)  # its chain is still running: one chain per job
+    else:
+        # A record that stopped moving longer than a deadline ago belongs to a lost chain, whose
+        # provider task (if any) is past its deadline too: start clean rather than inherit it.
+        jobs.forget(rt.redis, job.job_id)
     jobs.record(rt.redis, job.job_id, state="queued", stage="queued", provider=provider, source=job.source)
     signature_for(job).apply_async()
     return JobHandle(job.job_id, provider, job.source)

@@ -107,6 +107,9 @@ return 0
 _EXTEND_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[3] == '1' then
+  return redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
@@ -153,9 +156,10 @@ class LeaseSemaphore:
             # Woken by a release; the timeout also catches leases that simply expired.
             self._redis.blpop([freed], timeout=min(left, 0.5))
 
-    def extend(self, key: str, lease_id: str, ttl: float) -> None:
+    def extend(self, key: str, lease_id: str, ttl: float, *, only_if_held: bool = False) -> None:
+        """Set the lease to expire ``ttl`` from now; ``only_if_held`` never re-adds a released one."""
         leases, _ = self._keys(key)
-        self._extend(keys=[leases], args=[lease_id, int(ttl * 1000)])
+        self._extend(keys=[leases], args=[lease_id, int(ttl * 1000), "1" if only_if_held else "0"])
 
     def release(self, key: str, lease_id: str) -> bool:
         leases, freed = self._keys(key)

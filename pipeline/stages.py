@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 
 import redis
+from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 STAGES = ("stage", "submit", "await", "fetch", "archive")
 # Redis broker priority per stage (0 is served first): finish started documents before starting new ones.
 STAGE_PRIORITY = {"archive": 0, "fetch": 1, "await": 2, "submit": 3, "stage": 4}
+
+
+def already_final(job: Job) -> bool:
+    """The job's record says it ended and the archive agrees (the archive is the truth)."""
+    state = jobs.read(get_runtime().redis, job.job_id).get("state")
+    return state in ("done", "failed") and storage.finished(job.provider, job.job_id) is not None
 
 
 def work_prefix(job: Job) -> str:
@@ -99,23 +106,29 @@ def submit(job: Job) -> Job:
     record = jobs.read(rt.redis, job.job_id)
     if record.get("provider_task_id"):
         log.info("%s: already accepted as %s; not submitting again", job.label(), record["provider_task_id"])
-        if limit:
-            rt.leases.extend(provider.lease_key(), job.job_id, deadline)
+        if limit:  # lengthen the lease if it is still held; never bring back a released one
+            rt.leases.extend(provider.lease_key(), job.job_id, deadline, only_if_held=True)
         return job.model_copy(
             update={"provider_task_id": record["provider_task_id"], "submitted_at": float(record.get("submitted_at") or time.time())}
         )
+    # One submit at a time per job, even if two chains run for it (two ingests of one prefix).
+    guard = f"docpipe:submitting:{job.job_id}"
+    if not rt.redis.set(guard, "1", nx=True, ex=int(rt.settings.http_timeout * 2 + rt.settings.lease_max_wait)):
+        raise RateWait(guard, 2.0)
     try:
         task_id = provider.submit(job)
     except Exception as exc:
+        rt.redis.delete(guard)
         # An answer (even an error) means the provider did not take the task: free the slot now.
         # A timeout may hide an accepted task, so that lease is left to expire with its grace.
         if limit and getattr(exc, "code", None) != "timeout":
             rt.leases.release(provider.lease_key(), job.job_id)
         raise
     submitted_at = time.time()
-    _remember_acceptance(job, task_id, submitted_at)
     if limit:
         rt.leases.extend(provider.lease_key(), job.job_id, deadline)
+    _remember_acceptance(job, task_id, submitted_at)
+    rt.redis.delete(guard)
     return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at, "polls": 0})
 
 
@@ -244,6 +257,10 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
         code, message, retryable = exc.code, exc.message, exc.retryable
         provider_code = None if exc.provider_code is None else str(exc.provider_code)
         provider_message = exc.provider_message
+    elif isinstance(exc, ValidationError):  # never its str(): that quotes the input, which may hold a token
+        where = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)[:3])
+        code, message, retryable = "malformed_answer", f"{job.label()}: unexpected answer shape ({where})", True
+        provider_code = provider_message = None
     else:
         code, message, retryable = "internal", f"{job.label()}: {type(exc).__name__}: {exc}", True
         provider_code = provider_message = None

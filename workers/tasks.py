@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
 
 from pipeline import stages
 from pipeline.config import get_settings
@@ -55,6 +56,9 @@ def _backoff(attempt: int) -> float:
 def run_stage(task: Task, stage_name: str, payload: dict[str, Any]) -> dict[str, Any]:
     job = Job.model_validate(payload)
     settings = get_settings()
+    if stage_name != "archive" and stages.already_final(job):
+        # A duplicate delivery (late ack after a crash, or a second chain): the archive is final.
+        raise Ignore()
 
     def again(next_job: Job, countdown: float) -> Exception:
         # Capped so the message comes back before Redis' visibility timeout would re-deliver it.
@@ -77,15 +81,16 @@ def run_stage(task: Task, stage_name: str, payload: dict[str, Any]) -> dict[str,
             countdown = exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else _backoff(job.attempts)
             log.warning("%s: %s at %s; retry %d in %.1fs", job.label(), exc.code, stage_name, retried.attempts, countdown)
             raise again(retried, countdown) from None
-        return _end(job, stage_name, exc)
+        return _end(task, job, stage_name, exc)
     except Exception as exc:  # a bug or an outage we did not foresee: retry, then explain
         if job.attempts < settings.transient_retries:
             log.exception("%s: unexpected error at %s", job.label(), stage_name)
             raise again(job.model_copy(update={"attempts": job.attempts + 1}), _backoff(job.attempts)) from None
-        return _end(job, stage_name, exc)
+        return _end(task, job, stage_name, exc)
+    job = job.model_copy(update={"attempts": 0})  # the stage made progress: its failures start again
     if delay is not None:
         raise again(job, delay)
-    return job.model_copy(update={"attempts": 0}).model_dump(mode="json")
+    return job.model_dump(mode="json")
 
 
 def _retry_cap(exc: DocpipeError, transient_retries: int) -> int:
@@ -93,8 +98,12 @@ def _retry_cap(exc: DocpipeError, transient_retries: int) -> int:
     return transient_retries * 10 if isinstance(exc, RateLimited) else transient_retries
 
 
-def _end(job: Job, stage_name: str, exc: BaseException) -> dict[str, Any]:
-    error = stages.fail(job, stage_name, exc)
+def _end(task: Task, job: Job, stage_name: str, exc: BaseException) -> dict[str, Any]:
+    try:
+        error = stages.fail(job, stage_name, exc)
+    except Exception:  # S3 or Redis is down: the explanation must land, so try again later
+        log.exception("%s: could not record its failure at %s; retrying", job.label(), stage_name)
+        raise task.retry(countdown=_backoff(min(job.attempts, 5)), max_retries=None) from None
     log.warning("%s: failed at %s: %s", job.label(), stage_name, error.message)
     raise DocumentFailed(f"failed at {stage_name} ({error.code}): {error.message}")
 

@@ -10,7 +10,7 @@ import base64
 import hashlib
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import sniff, storage
 from pipeline.credentials import SharedCredential
@@ -206,7 +206,10 @@ class BaiduProvider(Provider):
                 provider_code=err.error,
                 provider_message=err.error_description,
             )
-        token = TokenResponse.model_validate(response.json())
+        try:
+            token = TokenResponse.model_validate(response.json())
+        except (ValueError, ValidationError):  # never the pydantic text: it would quote the token
+            raise Transient("baidu token: answer without access_token/expires_in", code="malformed_answer") from None
         return token.access_token, float(token.expires_in)
 
     # -- one authenticated call -------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import httpx
 import jwt
+from pydantic import ValidationError
 
 from pipeline import storage
 from pipeline.credentials import SharedCredential
@@ -152,7 +153,10 @@ class IdpProvider(Provider):
         # Wait for the login token in the thread: a RateWait here would count as a failed login
         # and cool the whole fleet down.
         response = self.send("login", request, max_wait=2 * self.limits["login"].per)
-        answer = wire.LoginResponse.model_validate(_answer(response, "login"))
+        try:
+            answer = wire.LoginResponse.model_validate(_answer(response, "login"))
+        except ValidationError:  # never the pydantic text: it would quote the token
+            raise Transient("idp login: answer of an unexpected shape", code="malformed_answer") from None
         if not answer.access_token:
             raise Transient("idp login: answer without an access_token", code="malformed_answer")
         return answer.access_token, token_lifetime(answer.access_token)
