@@ -651,23 +651,23 @@ class TuputechEmulator(Emulator):
 
     # -- files the results point at, and control routes ---------------------------------------
 
-    async def page_text(self, request: Request) -> Response:
-        self.arrive("text")
+    def _served(self, request: Request, endpoint: str, files: str, key: str) -> tuple[Any, Response | None]:
+        """Look up a file a result points at (``task.texts`` or ``task.images``); 404 when absent."""
+        self.arrive(endpoint)
         task = self.tasks.get(request.path_params["request_id"])
-        text = task.texts.get(request.path_params["page"]) if task else None
-        if text is None:
-            return PlainTextResponse("not found", status_code=404)
-        self.accept("text")
-        return PlainTextResponse(text)
+        found = getattr(task, files).get(request.path_params[key]) if task else None
+        if found is None:
+            return None, PlainTextResponse("not found", status_code=404)
+        self.accept(endpoint)
+        return found, None
+
+    async def page_text(self, request: Request) -> Response:
+        text, missing = self._served(request, "text", "texts", "page")
+        return missing or PlainTextResponse(text)
 
     async def image(self, request: Request) -> Response:
-        self.arrive("image")
-        task = self.tasks.get(request.path_params["request_id"])
-        found = task.images.get(request.path_params["name"]) if task else None
-        if found is None:
-            return PlainTextResponse("not found", status_code=404)
-        self.accept("image")
-        return Response(found[0], media_type=found[1])
+        found, missing = self._served(request, "image", "images", "name")
+        return missing or Response(found[0], media_type=found[1])
 
     async def public_key(self, request: Request) -> PlainTextResponse:
         """The PEM a client verifies answers and callbacks with (the emulator's "图普公钥")."""
