@@ -3,8 +3,8 @@
 Why these settings:
 - ``task_acks_late`` + ``task_reject_on_worker_lost``: a task whose worker dies is delivered
   again instead of lost; every stage is idempotent, so running twice is harmless.
-- ``worker_prefetch_multiplier = 1``: a worker holds one message beyond the one it runs, so a
-  stalled worker strands little and the per-provider queues stay fair.
+- ``worker_prefetch_multiplier = 1``: a worker reserves as many messages as it has threads (plus
+  the countdown tasks it holds), so a stalled worker strands little and the queues stay fair.
 - ``visibility_timeout`` (DOCPIPE_VISIBILITY_TIMEOUT): how long Redis waits for an ack before
   re-delivering; a worker killed with -9 gets its tasks back after it. A task that waits with a
   countdown holds its message unacked, so the tasks keep every countdown under a third of it

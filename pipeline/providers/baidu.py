@@ -36,7 +36,7 @@ ERROR_CODES: dict[int, tuple[str, str]] = {
     3: ("permanent", "Unsupported openapi method"),
     4: ("rate_limited", "Open api request limit reached"),
     6: ("permanent", "No permission to access data"),
-    14: ("auth", "IAM Certification failed"),
+    14: ("permanent", "IAM Certification failed"),  # the account lacks the permission: a new token cannot help
     17: ("quota", "Open api daily request limit reached"),
     18: ("rate_limited", "Open api qps request limit reached"),
     19: ("quota", "Open api total request limit reached"),

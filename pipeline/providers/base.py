@@ -49,10 +49,6 @@ class Provider(ABC):
         self.rt = runtime
         self.settings = runtime.settings
 
-    @property
-    def queue(self) -> str:
-        return f"docpipe.{self.name}"
-
     def account(self) -> str:
         """A non-secret name for the account whose limits apply (limits are per account)."""
         return "default"
