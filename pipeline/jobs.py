@@ -15,8 +15,6 @@ import redis
 
 RECORD_TTL = 7 * 24 * 3600
 
-STATES = ("queued", "staged", "submitted", "fetched", "done", "failed")
-
 
 def make_job_id(provider: str, source: str, content_id: str, options: dict[str, Any]) -> str:
     """Deterministic: the same document, provider and options always make the same job."""

@@ -14,8 +14,6 @@ from pipeline import jobs, storage
 from pipeline.enqueue import JobHandle
 from pipeline.runtime import get_runtime
 
-FINAL_STATES = ("done", "failed")
-
 
 @dataclass
 class Outcome:

@@ -188,6 +188,7 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         return job, wait.delay + random.uniform(0.0, policy.next_delay(max(job.polls, 1)))
     job = job.model_copy(update={"polls": job.polls + 1})
     if not outcome.done:
+        log.debug("%s: poll %d: %s", job.label(), job.polls, outcome.detail)
         return job, policy.next_delay(job.polls)
     if outcome.error is not None:
         raise outcome.error
