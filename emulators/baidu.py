@@ -235,8 +235,7 @@ class BaiduEmulator(Emulator):
         if len(url.encode()) > 1024:
             return b"", _error(283016, "url长度超过1024字节")
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                response = await client.get(url)
+            response = await self.http().get(url, timeout=10)
         except httpx.HTTPError:
             return b"", _error(216201, "url下载失败")
         if response.status_code != 200:

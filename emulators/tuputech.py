@@ -319,7 +319,7 @@ class TuputechEmulator(Emulator):
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
         self.processing = 0
-        self.in_flight = 0  # accepted and not yet called back (queued, processing or delivering)
+        self.in_flight = 0  # accepted and not yet called back (queued or processing)
         self.in_flight_log: list[tuple[float, int]] = []
         self.counters = Counters()
         self._background: set[asyncio.Task[None]] = set()
@@ -447,7 +447,14 @@ class TuputechEmulator(Emulator):
         job.add_done_callback(self._background.discard)
 
     async def _run(self, task: Task) -> None:
-        """Process, free the slot for the next queued task, then call back; in flight until the callback ends."""
+        """Process, free the slot for the next queued task, then call back.
+
+        A task is in flight from its acceptance until the provider calls back: the seed
+        counts tasks "同时处理" (being processed), and a task whose result is being posted is
+        no longer processed. So the count drops just before the first callback attempt
+        leaves, and a client that frees its slot on receiving the callback can never be
+        seen above the limit, however fast it refills the slot.
+        """
         task.state = "processing"
         started = time.monotonic()
         try:
@@ -461,11 +468,12 @@ class TuputechEmulator(Emulator):
             self.processing -= 1
             self._pump()
         task.state = "delivering"
+        body = dumps(seal(self.private_key, result)).encode()
+        self._set_in_flight(self.in_flight - 1)  # the first attempt leaves with no await in between
         try:
-            await self._deliver(task, result)
+            await self._deliver(task, body)
         finally:
             task.state = "done"
-            self._set_in_flight(self.in_flight - 1)
 
     async def _moderate(self, task: Task) -> dict[str, Any]:
         if task.fails:
@@ -492,40 +500,39 @@ class TuputechEmulator(Emulator):
 
     async def _download(self, url: str) -> bytes:
         try:
-            async with httpx.AsyncClient(timeout=self.config.download_timeout, follow_redirects=True) as client:
-                size = await self._probe_size(client, url)
-                if size is not None and size > self.config.max_doc_bytes:
-                    raise FileError(f"file error: document is {size} bytes, over {self.config.max_doc_bytes}")
-                return await self._fetch(client, url)
+            size = await self._probe_size(url)
+            if size is not None and size > self.config.max_doc_bytes:
+                raise FileError(f"file error: document is {size} bytes, over {self.config.max_doc_bytes}")
+            return await self._fetch(url)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise FileError(f"file error: document unreachable ({type(exc).__name__})") from None
 
-    async def _probe_size(self, client: httpx.AsyncClient, url: str) -> int | None:
+    async def _probe_size(self, url: str) -> int | None:
         """HEAD, as the seed requires. A presigned S3 URL signs its method and so refuses HEAD;
-        unless ``strict_head``, a one-byte ranged GET measures the document instead."""
-        head = await client.head(url)
+        unless ``strict_head``, the size is then read from the GET's headers before its body."""
+        head = await self.http().head(url, timeout=self.config.download_timeout, follow_redirects=True)
         if head.is_success:
             return _int_header(head.headers.get("content-length"))
         if self.config.strict_head:
             raise FileError(f"file error: HEAD answered HTTP {head.status_code}")
-        async with client.stream("GET", url, headers={"Range": "bytes=0-0"}) as ranged:
-            if ranged.status_code == 206:
-                return _int_header(ranged.headers.get("content-range", "").rpartition("/")[2])
-            if ranged.status_code == 200:
-                return _int_header(ranged.headers.get("content-length"))
-            raise FileError(f"file error: download answered HTTP {ranged.status_code}")
+        return None
 
-    async def _fetch(self, client: httpx.AsyncClient, url: str) -> bytes:
-        """GET the document, stopping as soon as it outgrows the limit (a HEAD may not tell the size)."""
+    async def _fetch(self, url: str) -> bytes:
+        """GET the document: refused on its declared length before the body is read, and stopped as
+        soon as it outgrows the limit (neither a HEAD nor a Content-Length has to tell the truth)."""
         chunks: list[bytes] = []
         total = 0
-        async with client.stream("GET", url) as response:
+        limit = self.config.max_doc_bytes
+        async with self.http().stream("GET", url, timeout=self.config.download_timeout, follow_redirects=True) as response:
             if response.status_code != 200:
                 raise FileError(f"file error: download answered HTTP {response.status_code}")
+            declared = _int_header(response.headers.get("content-length"))
+            if declared is not None and declared > limit:
+                raise FileError(f"file error: document is {declared} bytes, over {limit}")
             async for chunk in response.aiter_bytes():
                 total += len(chunk)
-                if total > self.config.max_doc_bytes:
-                    raise FileError(f"file error: document is over {self.config.max_doc_bytes} bytes")
+                if total > limit:
+                    raise FileError(f"file error: document is over {limit} bytes")
                 chunks.append(chunk)
         if not total:
             raise FileError("file error: document is empty")
@@ -627,26 +634,26 @@ class TuputechEmulator(Emulator):
 
     # -- callback -----------------------------------------------------------------------------
 
-    async def _deliver(self, task: Task, payload: dict[str, Any]) -> None:
+    async def _deliver(self, task: Task, body: bytes) -> None:
         """POST the signed result; a non-200 or no answer in time is retried, at most ``callback_retries`` times."""
-        body = dumps(seal(self.private_key, payload)).encode()
         headers = {"Content-Type": "application/json"}
-        async with httpx.AsyncClient(timeout=self.config.callback_timeout) as client:
-            for attempt in range(1 + self.config.callback_retries):
-                if attempt:
-                    await asyncio.sleep(self.config.callback_retry_delay)
-                task.callback_attempts += 1
-                self.counters.callback_attempts += 1
-                try:
-                    response = await client.post(str(task.doc.callback), content=body, headers=headers)
-                    delivered = response.status_code == 200
-                except (httpx.HTTPError, httpx.InvalidURL):
-                    delivered = False
-                if delivered:
-                    task.delivered = True
-                    self.counters.called_back += 1
-                    return
-                self.counters.callback_failures += 1
+        for attempt in range(1 + self.config.callback_retries):
+            if attempt:
+                await asyncio.sleep(self.config.callback_retry_delay)
+            task.callback_attempts += 1
+            self.counters.callback_attempts += 1
+            try:
+                response = await self.http().post(
+                    str(task.doc.callback), content=body, headers=headers, timeout=self.config.callback_timeout
+                )
+                delivered = response.status_code == 200
+            except (httpx.HTTPError, httpx.InvalidURL):
+                delivered = False
+            if delivered:
+                task.delivered = True
+                self.counters.called_back += 1
+                return
+            self.counters.callback_failures += 1
         self.counters.callbacks_abandoned += 1
 
     # -- files the results point at, and control routes ---------------------------------------

@@ -2,21 +2,20 @@
 
 A callback is verified with the provider's public key before anything is kept: a forged
 one gets 403, a malformed one 400, and neither is stored. A valid one is stored once
-(``SET NX``: a duplicate or a retried delivery changes nothing), answered at once (the
-provider gives us 5 s), and the document's concurrency lease is freed a moment after the
-answer, once the provider has counted the task as done. The waiting chain finds the
-result at its next look into the store; no worker waits on a socket.
+(``SET NX``: a duplicate or a retried delivery changes nothing), the document's
+concurrency lease is freed, and the answer goes back at once (the provider gives us 5 s).
+Freeing the lease on arrival is safe without any delay: a provider calls back only once it
+has finished processing the task, so the slot is already free on its side. The waiting
+chain finds the result at its next look into the store; no worker waits on a socket.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -51,13 +50,6 @@ def forget(provider: str, job_id: str) -> None:
     get_runtime().redis.delete(_key(provider, job_id))
 
 
-def _release_later(provider_name: str, job_id: str, delay: float) -> None:
-    time.sleep(delay)
-    provider = get_provider(provider_name)
-    if provider.max_in_flight():
-        provider.rt.leases.release(provider.lease_key(), job_id)
-
-
 async def receive(request: Request) -> JSONResponse:
     """``POST /callbacks/{provider}/{job_id}``; the Redis work runs in a thread, off the event loop."""
     body = await request.body()
@@ -79,11 +71,9 @@ def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
         log.warning("callback for %s/%s names task %s, not %s: refused", name, job_id, task_id, expected)
         return JSONResponse({"error": "task does not match the job"}, status_code=409)
     first = store(name, job_id, payload)
-    delay = get_runtime().settings.callback_release_delay
-    return JSONResponse(
-        {"stored": first, "duplicate": not first},
-        background=BackgroundTask(_release_later, name, job_id, delay),
-    )
+    # Stored before released: a worker that takes the freed slot never outruns the result.
+    provider.finished_at_provider(job_id)
+    return JSONResponse({"stored": first, "duplicate": not first})
 
 
 def health(request: Request) -> JSONResponse:

@@ -94,9 +94,6 @@ class Settings(BaseSettings):
     tuputech_max_in_flight: int = 30
     tuputech_callback_rule: str | None = None
     callback_base_url: str = "http://127.0.0.1:8090"
-    callback_release_delay: float = Field(
-        0.02, description="Seconds after answering a callback before its lease is freed, so the provider has counted the task done."
-    )
 
 
 @lru_cache

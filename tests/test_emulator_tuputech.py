@@ -433,7 +433,7 @@ def test_file_errors_come_back_as_code_14(
     assert privileged["code"] == 14  # the seed's port rule is checked at submit
 
 
-def test_links_that_refuse_head_are_measured_by_a_ranged_get_unless_strict(
+def test_links_that_refuse_head_are_measured_by_the_get_unless_strict(
     start_emulator: Callable[..., Emulator], client_keys: tuple[str, str], tmp_path: Path, callbacks: CallbackReceiver
 ) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoHeadFiles, directory=str(tmp_path)))
@@ -441,10 +441,14 @@ def test_links_that_refuse_head_are_measured_by_a_ranged_get_unless_strict(
     (tmp_path / "signed.txt").write_bytes(b"a presigned document")
     try:
         lenient, strict = start_emulator(), start_emulator(strict_head=True)
+        small = start_emulator(max_doc_bytes=10)
         _submit(lenient, client_keys, url, f"{callbacks.base_url}/lenient")
         _submit(strict, client_keys, url, f"{callbacks.base_url}/strict")
+        _submit(small, client_keys, url, f"{callbacks.base_url}/small")
         assert open_sealed(lenient.public_key(), callbacks.wait("/lenient")[0][0])["code"] == 0
         assert open_sealed(strict.public_key(), callbacks.wait("/strict")[0][0])["code"] == 14
+        too_big = open_sealed(small.public_key(), callbacks.wait("/small")[0][0])
+        assert too_big["code"] == 14 and "over 10" in too_big["message"]
     finally:
         server.shutdown()
         server.server_close()

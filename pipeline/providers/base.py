@@ -49,6 +49,9 @@ class Provider(ABC):
         self.rt = runtime
         self.settings = runtime.settings
 
+    def warm_up(self) -> None:
+        """Build what the first request would (keys, clients), so that it does not wait for it."""
+
     def account(self) -> str:
         """A non-secret name for the account whose limits apply (limits are per account)."""
         return "default"
@@ -137,8 +140,12 @@ class Provider(ABC):
 
     def finished(self, job: Job) -> None:
         """The document reached its end (archived or failed): release what the provider held."""
+        self.finished_at_provider(job.job_id)
+
+    def finished_at_provider(self, job_id: str) -> None:
+        """The provider is done with the job's task (its callback came): free its in-flight slot."""
         if self.max_in_flight():
-            self.rt.leases.release(self.lease_key(), job.job_id)
+            self.rt.leases.release(self.lease_key(), job_id)
 
 
 class CallbackRejected(Exception):
