@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from importlib import import_module
 
 from pipeline.providers.base import Fetched, PollOutcome, Provider
-from pipeline.runtime import get_runtime
+from pipeline.runtime import BuiltOnce, get_runtime
 
 REGISTRY: dict[str, str] = {
     "baidu": "pipeline.providers.baidu:BaiduProvider",
@@ -27,7 +26,7 @@ def provider_class(name: str) -> type[Provider]:
     return getattr(import_module(module_name), attr)
 
 
-@lru_cache
+@BuiltOnce
 def get_provider(name: str) -> Provider:
     """The process' instance of a provider, bound to the process' runtime."""
     return provider_class(name)(get_runtime())

@@ -192,12 +192,12 @@ def generate_key_pair(bits: int = 2048) -> tuple[str, str]:
 
 def public_key_of(private_key_pem: str) -> str:
     """The public PEM that verifies what ``private_key_pem`` signs."""
-    public = _private_key(private_key_pem).public_key()
+    public = load_private_key(private_key_pem).public_key()
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 @lru_cache(maxsize=16)
-def _private_key(pem: str) -> rsa.RSAPrivateKey:
+def load_private_key(pem: str) -> rsa.RSAPrivateKey:
     """Loading checks the key, which costs milliseconds: done once per key, not once per request."""
     key = serialization.load_pem_private_key(pem.encode(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -206,7 +206,7 @@ def _private_key(pem: str) -> rsa.RSAPrivateKey:
 
 
 @lru_cache(maxsize=16)
-def _public_key(pem: str) -> rsa.RSAPublicKey:
+def load_public_key(pem: str) -> rsa.RSAPublicKey:
     key = serialization.load_pem_public_key(pem.encode())
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError("not an RSA public key")
@@ -215,7 +215,7 @@ def _public_key(pem: str) -> rsa.RSAPublicKey:
 
 def sign(private_key_pem: str, text: str) -> str:
     """SHA256withRSA (PKCS#1 v1.5) over the UTF-8 bytes of ``text``, base64."""
-    signature = _private_key(private_key_pem).sign(text.encode(), padding.PKCS1v15(), hashes.SHA256())
+    signature = load_private_key(private_key_pem).sign(text.encode(), padding.PKCS1v15(), hashes.SHA256())
     return base64.b64encode(signature).decode()
 
 
@@ -223,7 +223,7 @@ def verify(public_key_pem: str, text: str, signature_b64: str) -> bool:
     """True when ``signature_b64`` is SHA256withRSA over ``text`` by the holder of ``public_key_pem``."""
     try:
         signature = base64.b64decode(signature_b64, validate=True)
-        _public_key(public_key_pem).verify(signature, text.encode(), padding.PKCS1v15(), hashes.SHA256())
+        load_public_key(public_key_pem).verify(signature, text.encode(), padding.PKCS1v15(), hashes.SHA256())
     except (InvalidSignature, binascii.Error, ValueError, TypeError):
         return False
     return True
