@@ -62,16 +62,16 @@ def submit(
     retry_failed: bool = False,
 ) -> None:
     """Send documents down the provider's chain."""
-    from pipeline.enqueue import enqueue
+    from pipeline.enqueue import enqueue_many
 
     _check_provider(provider)
     options = _options(option)
     handles, refused = [], 0
-    for source in files:
-        try:
-            handles.append(enqueue(source, provider, options, retry_failed=retry_failed))
-        except (OSError, ValueError) as exc:  # the message names the document; the others go on
-            console.print(f"[red]{exc}[/]")
+    for outcome in enqueue_many(files, provider, options, retry_failed=retry_failed):
+        if outcome.handle is not None:
+            handles.append(outcome.handle)
+        else:  # named and reported; the other documents go on
+            console.print(f"[red]{outcome.source}: {outcome.error}[/]")
             refused += 1
     _finish(handles, wait, timeout)
     if refused:

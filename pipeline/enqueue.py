@@ -3,16 +3,22 @@
 A local file is streamed into the staging bucket here, on the caller's machine, because
 the workers may run anywhere; an ``s3://`` source is read where it is. The job id is
 derived from provider, source, content and options, so enqueueing the same document
-twice is one job, and a document already archived is not sent again.
+twice is one job, and a document already archived is not sent again. ``enqueue_many``
+does the same for a batch, several documents at a time: each one costs a few S3 and Redis
+round trips, and done one after another they, not the providers, would pace a big batch.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError
 from celery import chain
 
 from pipeline import jobs, storage
@@ -66,8 +72,13 @@ class JobHandle:
             time.sleep(interval)
 
 
-def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = None) -> Job:
-    """Make the job for a source: its id, and where the workers will read its bytes."""
+def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = None) -> tuple[Job, Path | None]:
+    """Make the job for a source: its id and where the workers will read its bytes.
+
+    Returns the local file still to be staged there too (None for an ``s3://`` source):
+    it is uploaded only once we know the document must be sent, so re-running a batch
+    that is already archived costs one request per document and no upload.
+    """
     provider_class(provider)  # unknown provider: fail here, not in a worker
     options = dict(options or {})
     source_str = str(source)
@@ -78,16 +89,14 @@ def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = 
             raise FileNotFoundError(f"{source_str}: no such object")
         content_id = str(meta.get("ETag", "")).strip('"')
         job_id = jobs.make_job_id(provider, source_str, content_id, options)
-        return Job(job_id=job_id, provider=provider, source=source_str, location=source_str, options=options)
+        return Job(job_id=job_id, provider=provider, source=source_str, location=source_str, options=options), None
     path = Path(source_str).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     job_id = jobs.make_job_id(provider, str(path), storage.sha256_file(path), options)
-    settings = get_runtime().settings
-    key = f"{provider}/{job_id}/{path.name}"
-    if storage.head(settings.staging_bucket, key) is None:
-        storage.upload_file(path, settings.staging_bucket, key)
-    return Job(job_id=job_id, provider=provider, source=str(path), location=f"s3://{settings.staging_bucket}/{key}", options=options)
+    staging = get_runtime().settings.staging_bucket
+    location = f"s3://{staging}/{provider}/{job_id}/{path.name}"
+    return Job(job_id=job_id, provider=provider, source=str(path), location=location, options=options), path
 
 
 def signature_for(job: Job) -> chain:
@@ -110,7 +119,7 @@ def enqueue(
     Already archived: nothing is sent and the handle answers at once. With ``retry_failed``
     a document whose archive holds an ``error.json`` is sent again.
     """
-    job = prepare(source, provider, options)
+    job, local_file = prepare(source, provider, options)
     rt = get_runtime()
     final = storage.finished(provider, job.job_id)
     if final == "result.json" or (final == "error.json" and not retry_failed):
@@ -126,6 +135,55 @@ def enqueue(
         # A record that stopped moving longer than a deadline ago belongs to a lost chain, whose
         # provider task (if any) is past its deadline too: start clean rather than inherit it.
         jobs.forget(rt.redis, job.job_id)
+    if local_file is not None:
+        # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
+        storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
     jobs.record(rt.redis, job.job_id, state="queued", stage="queued", provider=provider, source=job.source)
     signature_for(job).apply_async()
     return JobHandle(job.job_id, provider, job.source)
+
+
+# What one bad document can raise without saying anything about the others.
+DOCUMENT_ERRORS = (OSError, ValueError, ClientError)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """One source of a batch: its handle, or why it was not sent (``error`` names the document)."""
+
+    source: str
+    handle: JobHandle | None = None
+    error: str | None = None
+
+
+def enqueue_many(
+    sources: Iterable[str | Path],
+    provider: str = "baidu",
+    options: dict[str, Any] | None = None,
+    *,
+    retry_failed: bool = False,
+    concurrency: int = 8,
+) -> Iterator[Enqueued]:
+    """Enqueue a batch ``concurrency`` documents at a time; yield one ``Enqueued`` per source, in order.
+
+    A document that cannot be read or staged is reported and the others go on. Sources
+    are consumed lazily and at most a few times ``concurrency`` are in the air, so a
+    listing of a million keys never becomes a million futures.
+    """
+    provider_class(provider)  # an unknown provider fails once, here, not once per document
+    get_runtime()  # built once before the threads share it
+    window: deque[tuple[str, Future[JobHandle]]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="enqueue") as pool:
+        for source in sources:
+            window.append((str(source), pool.submit(enqueue, source, provider, options, retry_failed=retry_failed)))
+            if len(window) >= 4 * concurrency:
+                yield _outcome(*window.popleft())
+        while window:
+            yield _outcome(*window.popleft())
+
+
+def _outcome(source: str, future: Future[JobHandle]) -> Enqueued:
+    try:
+        return Enqueued(source, handle=future.result())
+    except DOCUMENT_ERRORS as exc:
+        return Enqueued(source, error=str(exc))

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from pipeline import storage
-from pipeline.enqueue import JobHandle, enqueue
+from pipeline.enqueue import JobHandle, enqueue_many
 
 
 @dataclass
@@ -37,11 +35,13 @@ def sources(location: str) -> list[str]:
     return [str(path)]
 
 
-def ingest(location: str, provider: str, options: dict[str, Any] | None = None, *, retry_failed: bool = False) -> IngestReport:
+def ingest(
+    location: str, provider: str, options: dict[str, Any] | None = None, *, retry_failed: bool = False, concurrency: int = 8
+) -> IngestReport:
     report = IngestReport()
-    for source in sources(location):
-        try:
-            report.handles.append(enqueue(source, provider, options, retry_failed=retry_failed))
-        except (OSError, ValueError, ClientError) as exc:
-            report.errors.append((source, str(exc)))
+    for outcome in enqueue_many(sources(location), provider, options, retry_failed=retry_failed, concurrency=concurrency):
+        if outcome.handle is not None:
+            report.handles.append(outcome.handle)
+        else:
+            report.errors.append((outcome.source, outcome.error or "not sent"))
     return report

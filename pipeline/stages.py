@@ -50,13 +50,13 @@ def work_prefix(job: Job) -> str:
 def stage(job: Job) -> Job:
     """Learn what the document really is and refuse it here, before any provider request."""
     bucket, key = storage.parse_s3_uri(job.location)
-    meta = storage.head(bucket, key)
-    if meta is None:
+    found = storage.read_head(bucket, key, sniff.HEAD_BYTES)
+    if found is None:
         raise BadInput(f"{job.label()}: the document is not in s3://{bucket}/{key}", code="not_found")
-    size = int(meta["ContentLength"])
+    head, meta = found
+    size = int(meta["size"])
     if size == 0:
         raise BadInput(f"{job.label()}: the document is empty (0 bytes)", code="empty")
-    head = storage.read_range(bucket, key, 0, sniff.HEAD_BYTES - 1)
     fmt = sniff.sniff_format(head)
     if fmt is None:
         raise BadInput(
@@ -64,7 +64,8 @@ def stage(job: Job) -> Job:
             code="unsupported_format",
         )
     width = height = None
-    if fmt == "pdf" and not sniff.pdf_looks_complete(storage.read_range(bucket, key, -1024, 0)):
+    tail = head[-1024:] if size <= len(head) else None  # a small document was read whole already
+    if fmt == "pdf" and not sniff.pdf_looks_complete(tail if tail is not None else storage.read_range(bucket, key, -1024, 0)):
         raise BadInput(f"{job.label()}: the PDF is corrupt or truncated (no %%EOF at its end)", code="corrupt")
     if fmt in sniff.IMAGE_FORMATS:
         dims = sniff.image_size(head)
@@ -79,7 +80,7 @@ def stage(job: Job) -> Job:
         filename=key.rsplit("/", 1)[-1],
         size=size,
         format=fmt,
-        etag=str(meta.get("ETag", "")).strip('"') or None,
+        etag=meta["etag"],
         width=width,
         height=height,
     )

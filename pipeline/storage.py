@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -22,12 +20,13 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from pipeline.config import Settings, get_settings
+from pipeline.runtime import BuiltOnce
 
 CHUNK = 1024 * 1024
 FINAL_NAMES = ("result.json", "error.json")
 
 
-@lru_cache
+@BuiltOnce
 def _client(endpoint: str | None, region: str, key_id: str | None, secret: str | None) -> BaseClient:
     return boto3.client(
         "s3",
@@ -51,10 +50,11 @@ def s3_client(settings: Settings | None = None) -> BaseClient:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/key`` -> (bucket, key); the key is kept verbatim (``#`` and ``?`` are legal in keys)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 def ensure_buckets(settings: Settings | None = None) -> None:
@@ -90,6 +90,23 @@ def head(bucket: str, key: str) -> dict[str, Any] | None:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
+
+
+def read_head(bucket: str, key: str, length: int) -> tuple[bytes, dict[str, Any]] | None:
+    """The first ``length`` bytes and the object's metadata (``size``, ``etag``) in one request; None if absent."""
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{length - 1}")
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return None
+        if code == "InvalidRange":  # what S3 answers for a range of an empty object
+            return b"", {"size": 0, "etag": None}
+        raise
+    data = response["Body"].read()
+    total = str(response.get("ContentRange", "")).rpartition("/")[2]
+    size = int(total) if total.isdigit() else int(response.get("ContentLength", len(data)))
+    return data, {"size": size, "etag": str(response.get("ETag", "")).strip('"') or None}
 
 
 def read_range(bucket: str, key: str, start: int, end: int) -> bytes:
@@ -152,12 +169,15 @@ def put_json(key: str, payload: Any, *, only_if_absent: bool = False) -> bool:
 
 
 def finished(provider: str, job_id: str) -> str | None:
-    """Which final file (``result.json`` or ``error.json``) the archive holds for a job, if any."""
-    bucket = get_settings().results_bucket
-    for name in FINAL_NAMES:
-        if head(bucket, archive_prefix(provider, job_id) + name) is not None:
-            return name
-    return None
+    """Which final file (``result.json`` or ``error.json``) the archive holds for a job, if any.
+
+    One LIST of the archive's top level instead of a HEAD per name: it is asked for every
+    document enqueued and every handle waited on, and S3 bills and paces per request.
+    """
+    prefix = archive_prefix(provider, job_id)
+    page = s3_client().list_objects_v2(Bucket=get_settings().results_bucket, Prefix=prefix, Delimiter="/")
+    names = {o["Key"][len(prefix) :] for o in page.get("Contents", [])}
+    return next((name for name in FINAL_NAMES if name in names), None)
 
 
 def archive_names(provider: str, job_id: str) -> set[str]:

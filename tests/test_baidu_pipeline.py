@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipeline import DocumentFailedError, enqueue, storage
+from pipeline import DocumentFailedError, enqueue, enqueue_many, storage
 from pipeline.samples import make_batch, make_corrupt_pdf, make_oversize_png
 
 
@@ -39,6 +39,22 @@ def test_batch_of_documents_is_archived_with_correct_results(baidu, docs):
     assert submits["accepted"] == len(samples)  # one submit per document, none twice
     assert submits["limit_violations"] == 0
     assert baidu.endpoint("get_result")["limit_violations"] == 0
+
+
+def test_enqueue_many_names_the_sources_it_could_not_send_and_sends_the_rest(baidu, docs):
+    good = make_batch(docs, 2)
+    odd = docs / "scan #7?.pdf"  # characters a URI parser would cut the S3 key at
+    odd.write_bytes(good[0].path.read_bytes())
+    missing = docs / "gone.pdf"
+    sources = [good[1].path, missing, odd, "s3://docpipe-no-such-bucket/none.pdf"]
+
+    sent = list(enqueue_many(sources, provider="baidu", concurrency=3))
+
+    assert [s.source for s in sent] == [str(s) for s in sources]  # in order, one per source
+    assert sent[1].handle is None and "gone.pdf" in (sent[1].error or "")
+    assert sent[3].handle is None and sent[3].error
+    results = [s.handle.wait(timeout=120) for s in sent if s.handle is not None]
+    assert [r.document.filename for r in results] == [good[1].path.name, "scan #7?.pdf"]
 
 
 def test_enqueueing_an_archived_document_again_sends_nothing(baidu, docs):
