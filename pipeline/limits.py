@@ -1,11 +1,17 @@
-"""Global rate limits: one GCRA per provider endpoint, kept in Redis, shared by every process.
+"""Global rate limits: one sliding-window log per provider endpoint, kept in Redis, shared by every process.
 
-Why GCRA in one Lua script rather than a per-worker bucket: the script runs atomically
-in Redis and reads Redis' own clock, so any number of workers on any number of machines
-see one schedule, and a caller that is refused learns exactly how long to wait. The
-limiter never lends tokens early; a refused caller takes nothing.
+Why a sliding-window log in one Lua script: the providers promise "N requests per second",
+and the emulators (like Baidu's error 18) count any 1-second window. The log admits a
+request only while fewer than N were granted in the last window, so no window a provider
+can look at ever holds more than N. A GCRA spaces tokens exactly 1/N apart and loses every
+token nobody claims at its instant: with polls arriving at random it spent 0.88 of Baidu's
+get_result rate. The log loses only the moment between a slot's expiry and the next
+claim, once per window rather than once per token. A minimum spacing (half the
+documented interval) keeps a backlog from leaving in one burst.
 
-The state per key is one number, the theoretical arrival time (TAT) in microseconds.
+The script runs atomically in Redis and reads Redis' own clock, so any number of workers
+on any number of machines share one log, and a refused caller takes nothing and learns
+exactly how long to wait. Nothing is granted early.
 """
 
 from __future__ import annotations
@@ -17,52 +23,67 @@ import redis
 
 from pipeline.errors import RateWait
 
-# KEYS[1] = limiter key; ARGV[1] = emission interval (µs); ARGV[2] = burst (tokens).
-# Returns {wait, now}: wait is 0 when a token was taken, else the microseconds until one may
-# be; now is Redis' clock (µs), so callers can tell exactly when their token was granted.
-_GCRA_LUA = """
+# KEYS[1] = grant log (newest first, Redis times in µs); ARGV[1] = requests per window,
+# ARGV[2] = window (µs), ARGV[3] = least spacing between two grants (µs).
+# Returns {wait, now}: wait is 0 when the request was granted, else the µs until it may be;
+# now is Redis' clock (µs), so callers can tell exactly when their grant was made.
+_SLIDING_LOG_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = interval * (tonumber(ARGV[2]) - 1)
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local allow_at = tat - tolerance
-if now < allow_at then
-  return {allow_at - now, now}
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local wait = 0
+local newest = redis.call('LINDEX', KEYS[1], 0)
+if newest then
+  wait = math.max(wait, tonumber(newest) + tonumber(ARGV[3]) - now)
 end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local oldest = redis.call('LINDEX', KEYS[1], limit - 1)
+if oldest then
+  wait = math.max(wait, tonumber(oldest) + window - now)
+end
+if wait > 0 then
+  return {wait, now}
+end
+redis.call('LPUSH', KEYS[1], string.format('%.0f', now))
+redis.call('LTRIM', KEYS[1], 0, limit - 1)
+redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
 return {0, now}
 """
 
 
 @dataclass(frozen=True)
 class Rate:
-    """``count`` requests per ``per`` seconds, as a provider documents it; ``burst`` extra are never assumed."""
+    """``count`` requests in any ``per`` seconds, as a provider documents it."""
 
-    count: float
+    count: int
     per: float = 1.0
-    burst: int = 1
 
-    def interval(self, safety: float = 1.0) -> float:
-        """Seconds between two tokens; ``safety`` < 1 spaces them a little wider than documented."""
-        return self.per / (self.count * safety)
+    def interval(self) -> float:
+        """The documented pace: seconds between two requests when they are evenly spread."""
+        return self.per / self.count
 
 
 class RateLimiter:
-    """Takes tokens from Redis-held GCRA schedules, one schedule per key."""
+    """Grants requests from Redis-held sliding-window logs, one log per key.
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:rate", safety: float = 1.0) -> None:
+    ``safety`` < 1 widens each window a little (1 s / 0.97 = 1.031 s), a margin for the
+    time between our grant and the provider's arrival stamp; ``spacing`` is the least gap
+    between two grants, as a fraction of the documented interval.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:ratelog", safety: float = 1.0, spacing: float = 0.5) -> None:
         self._redis = client
         self._prefix = prefix
         self._safety = safety
-        self._script = client.register_script(_GCRA_LUA)
+        self._spacing = spacing
+        self._script = client.register_script(_SLIDING_LOG_LUA)
+        self.stale_grants = 0  # grants this process got too late to use (see ``acquire``)
 
     def try_acquire(self, key: str, rate: Rate) -> tuple[float, float]:
-        """Take a token if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
-        interval_us = max(1, int(rate.interval(self._safety) * 1_000_000))
-        wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[interval_us, rate.burst])
+        """Take a grant if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
+        window_us = max(1, int(rate.per / self._safety * 1_000_000))
+        spacing_us = int(rate.interval() * self._spacing * 1_000_000)
+        wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[rate.count, window_us, spacing_us])
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
     def acquire(self, key: str, rate: Rate, *, max_wait: float) -> float:
@@ -73,12 +94,23 @@ class RateLimiter:
         """
         deadline = time.monotonic() + max_wait
         while True:
+            asked = time.monotonic()
             wait, now = self.try_acquire(key, rate)
             if wait <= 0:
-                return now
+                if time.monotonic() - asked <= self.stale_after(rate):
+                    return now
+                # The answer came back late (a slow Redis, or this thread waited for a CPU):
+                # the request would leave well after its grant and could land in the same
+                # provider window as grants made after it. Spend the grant, ask again.
+                self.stale_grants += 1
+                continue
             if time.monotonic() + wait > deadline:
                 raise RateWait(key, wait)
             time.sleep(wait)
+
+    def stale_after(self, rate: Rate) -> float:
+        """The longest a grant may take to reach us: a third of the margin the widened window adds."""
+        return rate.per * (1 / self._safety - 1) / 3 if self._safety < 1 else float("inf")
 
 
 # --- concurrency leases ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ RATE = Rate(5, per=1.0)
 
 
 def _hammer(url: str, key: str, seconds: float, out: mp.Queue) -> None:
-    limiter = RateLimiter(redis.Redis.from_url(url))
+    limiter = RateLimiter(redis.Redis.from_url(url), safety=0.99)
     grants = []
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
@@ -40,10 +40,24 @@ def test_several_processes_never_exceed_the_rate_and_still_use_it(stack):
     assert len({round(g, 6) for g in grants}) == len(grants)
     # By Redis' own clock, no 1-second window holds more than the rate...
     assert max_in_window(grants, 1.0) <= RATE.count
-    # ...and the processes together got (nearly) every token the rate allows.
+    # ...and the processes together got (nearly) every grant the rate allows: the
+    # window is 1/0.99 s, so a full log gives 5 grants per 1.0101 s.
     span = grants[-1] - grants[0]
-    assert len(grants) - 1 >= int(span * RATE.count) - 1
+    assert len(grants) >= RATE.count * (span / (1 / 0.99)) - 1
     assert len(grants) >= seconds * RATE.count * 0.8
+
+
+def test_a_slot_nobody_claimed_on_time_is_still_there_later_in_its_window(stack):
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]))
+    key = f"test:credit:{time.time()}"
+    first = limiter.acquire(key, RATE, max_wait=0.1)
+    time.sleep(0.5)  # idle: an evenly spaced schedule would have lost two grants here
+    later = [limiter.acquire(key, RATE, max_wait=0.5) for _ in range(RATE.count - 1)]
+    assert later[-1] - first < 1.0  # all five inside one window
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert min(gaps) >= RATE.interval() / 2 - 1e-4  # yet never closer than half the documented pace
+    wait, now = limiter.try_acquire(key, RATE)
+    assert wait > 0 and abs((now + wait) - (first + RATE.per)) < 1e-3  # the sixth: exactly when the first leaves
 
 
 def test_a_far_token_raises_ratewait_instead_of_sleeping(stack):
