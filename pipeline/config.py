@@ -42,9 +42,10 @@ class Settings(BaseSettings):
         2.0, description="Longest wait for a rate token spent sleeping in the worker; longer waits re-schedule the task."
     )
     poll_inline_wait: float = Field(
-        0.0,
-        description="Longest wait for a poll's rate token in the worker thread. A refused poll re-schedules itself "
-        "to just after the token it was told of, so waiting threads are not spent on polls that are never urgent.",
+        0.25,
+        description="Longest wait for a poll's rate token in the worker thread, by one thread per process at a time; "
+        "the other refused polls re-schedule themselves to just after the token they were told of. The one waiter "
+        "takes each freed slot at once; the rest of the threads stay free for submits.",
     )
     lease_max_wait: float = Field(
         10.0,

@@ -16,12 +16,16 @@ exactly how long to wait. Nothing is granted early.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 
 import redis
 
 from pipeline.errors import RateWait
+
+log = logging.getLogger(__name__)
 
 # KEYS[1] = grant log (newest first, Redis times in µs); ARGV[1] = requests per window,
 # ARGV[2] = window (µs), ARGV[3] = least spacing between two grants (µs).
@@ -77,7 +81,7 @@ class RateLimiter:
         self._safety = safety
         self._spacing = spacing
         self._script = client.register_script(_SLIDING_LOG_LUA)
-        self.stale_grants = 0  # grants this process got too late to use (see ``acquire``)
+        self._gates: dict[str, threading.Lock] = {}
 
     def try_acquire(self, key: str, rate: Rate) -> tuple[float, float]:
         """Take a grant if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
@@ -86,12 +90,26 @@ class RateLimiter:
         wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[rate.count, window_us, spacing_us])
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
-    def acquire(self, key: str, rate: Rate, *, max_wait: float) -> float:
+    def acquire(self, key: str, rate: Rate, *, max_wait: float, alone: bool = False) -> float:
         """Block until a token is taken, sleeping at most ``max_wait`` in all; return when (Redis clock).
 
         When the next token is further away than what is left of ``max_wait``, raise
-        ``RateWait`` so that the caller re-schedules instead of holding its worker.
+        ``RateWait`` so that the caller re-schedules instead of holding its worker. With
+        ``alone``, at most one thread of this process sleeps for ``key`` at a time; the
+        others are refused at once. Polls use it: one waiter per process is always there to
+        take a slot the moment it frees, and the other threads stay free for other work.
         """
+        if not alone:
+            return self._acquire(key, rate, max_wait)
+        gate = self._gates.setdefault(key, threading.Lock())
+        if not gate.acquire(blocking=False):
+            return self._acquire(key, rate, 0.0)
+        try:
+            return self._acquire(key, rate, max_wait)
+        finally:
+            gate.release()
+
+    def _acquire(self, key: str, rate: Rate, max_wait: float) -> float:
         deadline = time.monotonic() + max_wait
         while True:
             asked = time.monotonic()
@@ -102,14 +120,15 @@ class RateLimiter:
                 # The answer came back late (a slow Redis, or this thread waited for a CPU):
                 # the request would leave well after its grant and could land in the same
                 # provider window as grants made after it. Spend the grant, ask again.
-                self.stale_grants += 1
+                log.info("rate limit %s: grant reached us %.0f ms late; not used", key, (time.monotonic() - asked) * 1000)
                 continue
             if time.monotonic() + wait > deadline:
                 raise RateWait(key, wait)
             time.sleep(wait)
 
     def stale_after(self, rate: Rate) -> float:
-        """The longest a grant may take to reach us: a third of the margin the widened window adds."""
+        """The longest a grant may take to reach us: a third of the margin the widened window adds
+        (the rest is for the way from here to the provider's clock)."""
         return rate.per * (1 / self._safety - 1) / 3 if self._safety < 1 else float("inf")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 
 import redis
@@ -58,6 +59,32 @@ def test_a_slot_nobody_claimed_on_time_is_still_there_later_in_its_window(stack)
     assert min(gaps) >= RATE.interval() / 2 - 1e-4  # yet never closer than half the documented pace
     wait, now = limiter.try_acquire(key, RATE)
     assert wait > 0 and abs((now + wait) - (first + RATE.per)) < 1e-3  # the sixth: exactly when the first leaves
+
+
+def test_only_one_thread_per_process_sleeps_for_a_key_when_alone(stack):
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]))
+    key = f"test:alone:{time.time()}"
+    rate = Rate(2, per=1.0)
+    limiter.acquire(key, rate, max_wait=0.1)
+    limiter.acquire(key, rate, max_wait=1.0)  # the window is full for ~1 s now
+    outcome: dict[str, object] = {}
+
+    def waiter() -> None:
+        outcome["waiter"] = limiter.acquire(key, rate, max_wait=1.5, alone=True)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.1)  # the waiter is asleep, holding the gate
+    started = time.monotonic()
+    try:
+        limiter.acquire(key, rate, max_wait=1.5, alone=True)
+    except RateWait as refused:
+        assert 0 < refused.delay <= 1.0
+    else:
+        raise AssertionError("a second thread must not sleep for the same key")
+    assert time.monotonic() - started < 0.1  # refused at once, its thread free for other work
+    thread.join(3)
+    assert isinstance(outcome.get("waiter"), float)  # the one waiter got the freed slot
 
 
 def test_a_far_token_raises_ratewait_instead_of_sleeping(stack):

@@ -214,12 +214,14 @@ class BaiduProvider(Provider):
 
     # -- one authenticated call -------------------------------------------------------------
 
-    def _call(self, endpoint: str, path: str, form: dict[str, str], *, max_wait: float | None = None) -> dict[str, Any]:
+    def _call(
+        self, endpoint: str, path: str, form: dict[str, str], *, max_wait: float | None = None, alone: bool = False
+    ) -> dict[str, Any]:
         """POST a form with the shared token; on 110/111 refresh once (single flight) and resend."""
         token = self._credential.get()
         for attempt in (1, 2):
             request = self.rt.http.build_request("POST", self._base + path, params={"access_token": token}, data=form)
-            body = self.send(endpoint, request, max_wait=max_wait).json()
+            body = self.send(endpoint, request, max_wait=max_wait, alone=alone).json()
             code = int(body.get("error_code") or 0)
             if code == 0:
                 return body
@@ -279,12 +281,15 @@ class BaiduProvider(Provider):
             raise Transient("baidu submit: answer without a task_id", code="malformed_answer")
         return response.task_id
 
-    def _get_result(self, job: Job, *, max_wait: float | None = None) -> tuple[GetResultResponse, dict[str, Any]]:
-        body = self._call("get_result", RESULT_PATH, {"task_id": job.provider_task_id or ""}, max_wait=max_wait)
+    def _get_result(
+        self, job: Job, *, max_wait: float | None = None, alone: bool = False
+    ) -> tuple[GetResultResponse, dict[str, Any]]:
+        form = {"task_id": job.provider_task_id or ""}
+        body = self._call("get_result", RESULT_PATH, form, max_wait=max_wait, alone=alone)
         return GetResultResponse.model_validate(body), body
 
     def poll(self, job: Job) -> PollOutcome:
-        parsed, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait)
+        parsed, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
         status = parsed.task_result.status
         if status == "Running":
             return PollOutcome(done=False, detail="Running")

@@ -71,13 +71,14 @@ class Provider(ABC):
         """The provider task id a verified callback is about (checked against the job's)."""
         return None
 
-    def take_token(self, endpoint: str, max_wait: float | None = None) -> None:
+    def take_token(self, endpoint: str, max_wait: float | None = None, *, alone: bool = False) -> None:
         """Every request to a limited endpoint goes through here first, retries included.
 
         A token at most ``max_wait`` away (default ``max_inline_wait``) is waited for in the
         worker thread; one further away raises ``RateWait`` and the task re-schedules itself
-        instead of holding the thread. Polls pass a short wait: they are never urgent, and a
-        thread waiting for a poll token is a thread not submitting.
+        instead of holding the thread. Polls pass a short wait and ``alone``: one thread per
+        process waits for a poll token, so a freed slot is taken at once, and the others
+        re-schedule, since a thread waiting for a poll token is a thread not submitting.
         """
         if not self.settings.global_limits:
             return
@@ -85,6 +86,7 @@ class Provider(ABC):
             f"{self.name}:{self.account()}:{endpoint}",
             self.limits[endpoint],
             max_wait=self.settings.max_inline_wait if max_wait is None else max_wait,
+            alone=alone,
         )
 
     def take_slot(self, job: Job) -> None:
@@ -99,7 +101,13 @@ class Provider(ABC):
             self.rt.leases.acquire(self.lease_key(), job.job_id, limit, settings.lease_grace, max_wait=settings.lease_max_wait)
 
     def send(
-        self, endpoint: str, request: httpx.Request, *, max_wait: float | None = None, slot_for: Job | None = None
+        self,
+        endpoint: str,
+        request: httpx.Request,
+        *,
+        max_wait: float | None = None,
+        slot_for: Job | None = None,
+        alone: bool = False,
     ) -> httpx.Response:
         """Take a slot (``slot_for``: the request creates a provider task) and a rate token, then send.
 
@@ -107,7 +115,7 @@ class Provider(ABC):
         """
         if slot_for is not None:
             self.take_slot(slot_for)
-        self.take_token(endpoint, max_wait)
+        self.take_token(endpoint, max_wait, alone=alone)
         try:
             response = self.rt.http.send(request)
         except httpx.TimeoutException as exc:

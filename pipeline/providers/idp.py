@@ -163,13 +163,15 @@ class IdpProvider(Provider):
 
     # -- one authenticated call -------------------------------------------------------------
 
-    def _call(self, endpoint: str, method: str, path: str, *, max_wait: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    def _call(
+        self, endpoint: str, method: str, path: str, *, max_wait: float | None = None, alone: bool = False, **kwargs: Any
+    ) -> dict[str, Any]:
         """Send with the shared token; on 401 log in again once (single flight) and resend."""
 
         def attempt(token: str) -> httpx.Response:
             headers = {"Authorization": f"Bearer {token}"}
             request = self.rt.http.build_request(method, self._base + path, headers=headers, **kwargs)
-            return self.send(endpoint, request, max_wait=max_wait)
+            return self.send(endpoint, request, max_wait=max_wait, alone=alone)
 
         token = self._credential.get()
         response = attempt(token)
@@ -215,16 +217,18 @@ class IdpProvider(Provider):
             raise Permanent("idp task: answer without an extract id; not sending the document again", code="malformed_answer")
         return str(ids[0])
 
-    def _get_result(self, job: Job, *, max_wait: float | None = None) -> tuple[wire.ExtractItem, dict[str, Any]]:
+    def _get_result(
+        self, job: Job, *, max_wait: float | None = None, alone: bool = False
+    ) -> tuple[wire.ExtractItem, dict[str, Any]]:
         path = wire.API_PREFIX + wire.RESULT_PATH.format(extract_id=job.provider_task_id)
-        body = self._call("result", "GET", path, max_wait=max_wait)
+        body = self._call("result", "GET", path, max_wait=max_wait, alone=alone)
         item = wire.GetResultResponse.model_validate(body).item
         if item is None:
             raise Transient("idp result: answer without an item", code="malformed_answer")
         return item, body
 
     def poll(self, job: Job) -> PollOutcome:
-        item, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait)
+        item, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
         name = item.status_name or wire.STATUS_NAMES.get(item.status if item.status is not None else -1, "unknown")
         if not item.final:
             return PollOutcome(done=False, detail=f"{item.status} {name}")
