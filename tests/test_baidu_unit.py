@@ -115,7 +115,7 @@ def test_transport_failures_become_transient_without_the_url_or_token():
         def __init__(self):
             pass
 
-        def acquire(self, key, rate, *, max_wait):
+        def acquire(self, key, rate, *, max_wait, alone=False):
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
