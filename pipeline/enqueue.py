@@ -149,7 +149,7 @@ DOCUMENT_ERRORS = (OSError, ValueError, ClientError)
 
 @dataclass(frozen=True)
 class Enqueued:
-    """One source of a batch: its handle, or why it was not sent (``error`` names the document)."""
+    """One source of a batch: its handle, or why it was not sent (``source`` names the document, ``error`` the reason)."""
 
     source: str
     handle: JobHandle | None = None
