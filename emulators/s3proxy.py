@@ -1,0 +1,510 @@
+"""An S3 front that checks every request's Signature V4, as real S3 does, before moto sees it.
+
+Why it exists: moto's server accepts any signature, ignores a presigned URL's method and
+never lets one expire, so a client that signs wrongly (a presigned GET used for HEAD, a
+stale URL, the wrong secret) passes every local test and fails only against AWS. This
+proxy is the referee: it answers such requests with S3's own 403s and XML errors, and
+forwards the rest to moto unchanged, streaming both ways.
+
+It also plays S3 outages on demand (``POST /_proxy/faults``): for a while every request
+is answered 503 SlowDown (or 500 InternalError), as S3 does when it sheds load.
+
+``python -m emulators.s3proxy --listen-port P --upstream http://127.0.0.1:M
+--access-key testing --secret-key testing [--region us-east-1]``
+
+Control routes (no signature needed): ``POST /_proxy/faults`` with
+``{"mode": "ok" | "slowdown" | "error500", "seconds": N}``, ``GET /_proxy/stats``,
+``GET /_proxy/health``. Nothing here comes from ``pipeline``: a referee that shared the
+client's reading of the protocol could never catch its mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+from xml.sax.saxutils import escape
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger("emulators.s3proxy")
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+MAX_SKEW_SECONDS = 15 * 60  # S3's RequestTimeTooSkewed threshold
+MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # S3 refuses X-Amz-Expires above a week
+# Hop-by-hop headers belong to one connection, never to the forwarded message. Expect is
+# here because uvicorn has already answered "100 Continue" to the client.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "expect"}
+)
+FAULT_MODES = ("ok", "slowdown", "error500")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class S3Error(Exception):
+    """A refusal in S3's words: the status, the ``<Code>`` and the ``<Message>`` AWS would send."""
+
+    def __init__(self, status: int, code: str, message: str, **details: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def response(self, method: str) -> Response:
+        request_id = secrets.token_hex(8).upper()
+        headers = {
+            "x-amz-request-id": request_id,
+            "x-amz-id-2": secrets.token_urlsafe(48),
+            "date": formatdate(usegmt=True),
+        }
+        if method == "HEAD":  # S3 sends HEAD errors with a status and no body
+            return Response(status_code=self.status, headers=headers)
+        extra = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in self.details.items())
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{self.code}</Code><Message>{escape(self.message)}</Message>{extra}"
+            f"<RequestId>{request_id}</RequestId><HostId>{headers['x-amz-id-2']}</HostId></Error>"
+        )
+        return Response(body, status_code=self.status, media_type="application/xml", headers=headers)
+
+
+# --- Signature V4, server side -------------------------------------------------------------------
+#
+# Computed from the request as it came off the wire, by the documented algorithm
+# (https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html). botocore's
+# signer works from the client's URL before it is sent; a server has only the wire form, so
+# the canonical URI and query are rebuilt from the raw bytes: percent-decoded once and
+# encoded once again the way the spec says, which is what S3 does (it never double-encodes
+# and never normalises ``.``/``//`` segments). The test suite checks this against botocore.
+
+
+def uri_encode(raw: bytes, safe: str) -> str:
+    """RFC 3986 encoding as SigV4 wants it: everything but ``A-Za-z0-9-_.~`` and ``safe``."""
+    return quote(raw, safe=safe)
+
+
+def canonical_uri(raw_path: bytes) -> str:
+    return uri_encode(unquote_to_bytes(raw_path), safe="/~") or "/"
+
+
+def canonical_query(raw_query: bytes, drop: Iterable[str] = ()) -> str:
+    """Every parameter decoded and re-encoded, sorted by name then value; ``+`` stays a plus."""
+    skip = set(drop)
+    pairs = []
+    for part in raw_query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        name_enc = uri_encode(unquote_to_bytes(name), safe="-_.~")
+        if name_enc not in skip:
+            pairs.append((name_enc, uri_encode(unquote_to_bytes(value), safe="-_.~")))
+    return "&".join(f"{name}={value}" for name, value in sorted(pairs))
+
+
+def canonical_headers(headers: Mapping[str, list[str]], signed: list[str]) -> str:
+    lines = []
+    for name in signed:
+        values = headers.get(name, [])
+        lines.append(f"{name}:" + ",".join(" ".join(v.split()) for v in values))
+    return "\n".join(lines) + "\n"
+
+
+def signing_key(secret: str, date: str, region: str, service: str = "s3") -> bytes:
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+@dataclass
+class Verified:
+    """What a valid signature leaves to check on the body: the SHA-256 it promised, if any."""
+
+    access_key: str
+    payload_sha256: str | None = None
+
+
+@dataclass
+class SigV4Verifier:
+    """Checks requests against known credentials, for one region, as S3 does."""
+
+    credentials: dict[str, str]
+    region: str = "us-east-1"
+    clock: Callable[[], float] = time.time  # epoch seconds; a test may pass another clock
+
+    def verify(self, method: str, raw_path: bytes, raw_query: bytes, headers: Mapping[str, list[str]]) -> Verified:
+        """Raise ``S3Error`` unless the request carries a valid SigV4 signature."""
+        query_names = {unquote_to_bytes(p.partition(b"=")[0]).decode("latin-1") for p in raw_query.split(b"&") if p}
+        authorization = (headers.get("authorization") or [""])[0]
+        if "X-Amz-Algorithm" in query_names:
+            if authorization:
+                raise S3Error(400, "InvalidArgument", "Only one auth mechanism allowed; only the X-Amz-Algorithm "
+                              "query parameter, Signature query string parameter or the Authorization header "
+                              "should be specified")
+            return self._verify_presigned(method, raw_path, raw_query, headers)
+        if authorization.startswith(ALGORITHM):
+            return self._verify_header(method, raw_path, raw_query, headers, authorization)
+        if authorization.startswith("AWS ") or {"AWSAccessKeyId", "Signature"} <= query_names:
+            raise S3Error(400, "InvalidRequest", "The authorization mechanism you have provided is not supported. "
+                          "Please use AWS4-HMAC-SHA256.")
+        raise S3Error(403, "AccessDenied", "Access Denied")
+
+    def _verify_header(
+        self, method: str, raw_path: bytes, raw_query: bytes, headers: Mapping[str, list[str]], authorization: str
+    ) -> Verified:
+        fields = dict(
+            item.strip().split("=", 1) for item in authorization[len(ALGORITHM):].split(",") if "=" in item
+        )
+        if not {"Credential", "SignedHeaders", "Signature"} <= fields.keys():
+            raise S3Error(400, "AuthorizationHeaderMalformed", "The authorization header is malformed; "
+                          "it must contain Credential, SignedHeaders and Signature.")
+        try:
+            if "x-amz-date" in headers:
+                timestamp = headers["x-amz-date"][0]
+            else:
+                date = parsedate_to_datetime(headers["date"][0])
+                timestamp = date.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        except (KeyError, TypeError, ValueError):
+            raise S3Error(403, "AccessDenied", "AWS authentication requires a valid Date or x-amz-date header") from None
+        payload = (headers.get("x-amz-content-sha256") or [None])[0]
+        if payload is None:
+            raise S3Error(400, "InvalidRequest", "Missing required header for this request: x-amz-content-sha256")
+        if not (_HEX64.fullmatch(payload) or payload == UNSIGNED_PAYLOAD or payload.startswith("STREAMING-")):
+            raise S3Error(400, "InvalidArgument", "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
+                          "STREAMING-UNSIGNED-PAYLOAD-TRAILER, STREAMING-AWS4-HMAC-SHA256-PAYLOAD, "
+                          "or a valid sha256 value.")
+        when = self._parse_time(timestamp, "AuthorizationHeaderMalformed")
+        if abs(self.clock() - when) > MAX_SKEW_SECONDS:
+            raise S3Error(403, "RequestTimeTooSkewed", "The difference between the request time and the current "
+                          "time is too large.", RequestTime=timestamp,
+                          ServerTime=_iso(self.clock()), MaxAllowedSkewMilliseconds=str(MAX_SKEW_SECONDS * 1000))
+        access_key = self._check_scope(fields["Credential"], timestamp, "AuthorizationHeaderMalformed")
+        signed = fields["SignedHeaders"].split(";")
+        # The payload hash is the header's value, whatever it is: S3 signs what the client declared
+        # (for aws-chunked uploads a STREAMING-* constant) and checks a hex digest against the body.
+        self._check_signature(method, raw_path, canonical_query(raw_query), headers, signed, payload,
+                              fields["Credential"], timestamp, fields["Signature"], access_key)
+        return Verified(access_key, payload if _HEX64.fullmatch(payload) else None)
+
+    def _verify_presigned(
+        self, method: str, raw_path: bytes, raw_query: bytes, headers: Mapping[str, list[str]]
+    ) -> Verified:
+        params: dict[str, str] = {}
+        for part in raw_query.split(b"&"):
+            name, _, value = part.partition(b"=")
+            params.setdefault(unquote_to_bytes(name).decode(errors="replace"),
+                              unquote_to_bytes(value).decode(errors="replace"))
+        error = "AuthorizationQueryParametersError"
+        missing = [p for p in ("X-Amz-Credential", "X-Amz-Date", "X-Amz-Expires", "X-Amz-SignedHeaders",
+                               "X-Amz-Signature") if p not in params]
+        if params["X-Amz-Algorithm"] != ALGORITHM or missing:
+            raise S3Error(400, error, "Query-string authentication version 4 requires the X-Amz-Algorithm, "
+                          "X-Amz-Credential, X-Amz-Signature, X-Amz-Date, X-Amz-SignedHeaders, and "
+                          "X-Amz-Expires parameters.")
+        timestamp = params["X-Amz-Date"]
+        access_key = self._check_scope(params["X-Amz-Credential"], timestamp, error)
+        when = self._parse_time(timestamp, error)
+        try:
+            expires = int(params["X-Amz-Expires"])
+        except ValueError:
+            raise S3Error(400, error, "X-Amz-Expires should be a number") from None
+        if not 0 < expires <= MAX_PRESIGN_EXPIRES:
+            raise S3Error(400, error, "X-Amz-Expires must be less than a week (in seconds) that is 604800")
+        now = self.clock()
+        if now > when + expires:
+            raise S3Error(403, "AccessDenied", "Request has expired", **{
+                "X-Amz-Expires": str(expires), "Expires": _iso(when + expires), "ServerTime": _iso(now)})
+        payload = (headers.get("x-amz-content-sha256") or [UNSIGNED_PAYLOAD])[0]
+        self._check_signature(method, raw_path, canonical_query(raw_query, drop=["X-Amz-Signature"]), headers,
+                              params["X-Amz-SignedHeaders"].split(";"), payload, params["X-Amz-Credential"],
+                              timestamp, params["X-Amz-Signature"], access_key)
+        return Verified(access_key)
+
+    def _parse_time(self, timestamp: str, error: str) -> float:
+        try:
+            return datetime.strptime(timestamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            raise S3Error(400, error, f"X-Amz-Date must be in the ISO8601 Long Format \"yyyyMMdd'T'HHmmss'Z'\", "
+                          f"got {timestamp!r}") from None
+
+    def _check_scope(self, credential: str, timestamp: str, error: str) -> str:
+        """The access key of a well-formed credential scope for this region; S3's refusals otherwise."""
+        parts = credential.split("/")
+        if len(parts) != 5:
+            raise S3Error(400, error, f"Error parsing the X-Amz-Credential parameter; the Credential is mal-formed; "
+                          f"expecting \"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request\". ({credential})")
+        access_key, date, region, service, terminator = parts
+        if access_key not in self.credentials:
+            raise S3Error(403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our "
+                          "records.", AWSAccessKeyId=access_key)
+        if date != timestamp[:8]:
+            raise S3Error(400, error, f"Invalid credential date \"{date}\". This date is not the same as "
+                          f"X-Amz-Date: \"{timestamp[:8]}\".")
+        if region != self.region:
+            raise S3Error(400, error, f"The authorization header is malformed; the region '{region}' is wrong; "
+                          f"expecting '{self.region}'", Region=self.region)
+        if service != "s3" or terminator != "aws4_request":
+            raise S3Error(400, error, f"The authorization header is malformed; incorrect service \"{service}\" "
+                          f"or terminal \"{terminator}\". This endpoint belongs to \"s3\".")
+        return access_key
+
+    def _check_signature(
+        self, method: str, raw_path: bytes, query: str, headers: Mapping[str, list[str]], signed: list[str],
+        payload: str, credential: str, timestamp: str, provided: str, access_key: str,
+    ) -> None:
+        if "host" not in signed:
+            raise S3Error(403, "AccessDenied", "There were headers present in the request which were not signed",
+                          HeadersNotSigned="host")
+        canonical = "\n".join([method, canonical_uri(raw_path), query, canonical_headers(headers, signed),
+                               ";".join(signed), payload])
+        scope = credential.split("/", 1)[1]
+        to_sign = "\n".join([ALGORITHM, timestamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        key = signing_key(self.credentials[access_key], timestamp[:8], self.region)
+        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected.encode(), provided.encode("utf-8", "replace")):
+            raise S3Error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match the "
+                          "signature you provided. Check your key and signing method.", AWSAccessKeyId=access_key,
+                          StringToSign=to_sign, SignatureProvided=provided, CanonicalRequest=canonical)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the proxy -----------------------------------------------------------------------------------
+
+
+class PayloadMismatch(Exception):
+    """The body's SHA-256 is not the one the client signed."""
+
+    def __init__(self, declared: str, computed: str) -> None:
+        super().__init__(declared)
+        self.declared, self.computed = declared, computed
+
+
+async def _checked(stream: AsyncIterator[bytes], declared: str | None) -> AsyncIterator[bytes]:
+    """The body, passed on as it arrives, with its last chunk held back until its hash is known.
+
+    Why hold one back: if the hash is wrong the upstream request is cut short, so moto never
+    sees a complete body and never stores what S3 would have refused (XAmzContentSHA256Mismatch).
+    """
+    digest = hashlib.sha256() if declared else None
+    held = b""
+    async for chunk in stream:
+        if not chunk:
+            continue
+        if digest is not None:
+            digest.update(chunk)
+        if held:
+            yield held
+        held = chunk
+    if digest is not None and digest.hexdigest() != declared:
+        raise PayloadMismatch(declared, digest.hexdigest())
+    if held:
+        yield held
+
+
+@dataclass
+class Faults:
+    mode: str = "ok"
+    until: float | None = None  # time.monotonic() the fault ends; None: until told otherwise
+
+    def active(self) -> str | None:
+        if self.mode != "ok" and self.until is not None and time.monotonic() >= self.until:
+            self.mode, self.until = "ok", None
+        return None if self.mode == "ok" else self.mode
+
+    def as_dict(self) -> dict[str, Any]:
+        mode = self.active() or "ok"
+        remaining = None if self.until is None else max(0.0, self.until - time.monotonic())
+        return {"mode": mode, "remaining_seconds": remaining}
+
+
+class S3Proxy:
+    """The routes and state of one proxy: verifier, upstream client, faults and counters."""
+
+    def __init__(self, upstream: str, credentials: dict[str, str], region: str = "us-east-1") -> None:
+        self.upstream = httpx.URL(upstream)
+        self.verifier = SigV4Verifier(dict(credentials), region)
+        self.faults = Faults()
+        self.counts: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(120.0, connect=5.0, pool=None),
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            )
+        return self._client
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
+
+    # -- control routes ------------------------------------------------------------------------
+
+    async def set_faults(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        mode = body.get("mode", "ok")
+        if mode not in FAULT_MODES:
+            return JSONResponse({"error": f"mode must be one of {FAULT_MODES}"}, status_code=400)
+        seconds = body.get("seconds")
+        self.faults.mode = mode
+        self.faults.until = None if mode == "ok" or seconds is None else time.monotonic() + float(seconds)
+        return JSONResponse(self.faults.as_dict())
+
+    async def stats(self, request: Request) -> JSONResponse:
+        return JSONResponse({
+            "forwarded": self.counts["forwarded"],
+            "refused_signature": self.counts["refused_signature"],
+            "refused_fault": self.counts["refused_fault"],
+            "upstream_errors": self.counts["upstream_errors"],
+            "refusals_by_code": dict(self.refusals),
+            "faults": self.faults.as_dict(),
+        })
+
+    # -- S3 ----------------------------------------------------------------------------------------
+
+    async def s3(self, request: Request) -> Response:
+        method = request.method
+        if fault := self.faults.active():
+            self.counts["refused_fault"] += 1
+            if fault == "slowdown":
+                error = S3Error(503, "SlowDown", "Please reduce your request rate.")
+            else:
+                error = S3Error(500, "InternalError", "We encountered an internal error. Please try again.")
+            return self._refuse(request, error)
+        headers: dict[str, list[str]] = {}
+        for raw_name, raw_value in request.scope["headers"]:
+            headers.setdefault(raw_name.decode("latin-1").lower(), []).append(raw_value.decode("latin-1"))
+        raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+        raw_query: bytes = request.scope.get("query_string", b"")
+        # moto's own control API is not S3 and carries no signature; CORS preflights are unsigned on S3.
+        if raw_path.startswith(b"/moto-api/") or method == "OPTIONS":
+            verified = Verified("")
+        else:
+            try:
+                verified = self.verifier.verify(method, raw_path, raw_query, headers)
+            except S3Error as error:
+                self.counts["refused_signature"] += 1
+                self.refusals[error.code] += 1
+                log.warning("refused %s %s: %s", method, raw_path.decode("latin-1"), error)
+                return self._refuse(request, error)
+        return await self._forward(request, raw_path, raw_query, verified)
+
+    @staticmethod
+    def _refuse(request: Request, error: S3Error) -> Response:
+        """S3's error, closing the connection if the client still holds back its body.
+
+        Why: a client that sent ``Expect: 100-continue`` and gets a final answer never sends
+        the body the connection still owes; reused (botocore does), its next request would be
+        read as that body. Other clients' unread bodies are read and discarded by the server.
+        """
+        response = error.response(request.method)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            response.headers["connection"] = "close"
+        return response
+
+    async def _forward(self, request: Request, raw_path: bytes, raw_query: bytes, verified: Verified) -> Response:
+        has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
+        # The headers as the client sent them, Host included (moto builds its URLs from it);
+        # a chunked body is re-chunked by httpx, a Content-Length one keeps its length.
+        forward_headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        url = self.upstream.copy_with(raw_path=raw_path + (b"?" + raw_query if raw_query else b""))
+        body = _checked(request.stream(), verified.payload_sha256) if has_body else None
+        upstream_request = httpx.Request(request.method, url, headers=forward_headers, content=body)
+        try:
+            upstream = await self.client().send(upstream_request, stream=True)
+        except PayloadMismatch as mismatch:
+            self.counts["refused_signature"] += 1
+            self.refusals["XAmzContentSHA256Mismatch"] += 1
+            return S3Error(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not "
+                           "match what was computed.", ClientComputedContentSHA256=mismatch.declared,
+                           S3ComputedContentSHA256=mismatch.computed).response(request.method)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening any more
+        except httpx.HTTPError as exc:
+            self.counts["upstream_errors"] += 1
+            log.warning("upstream failed for %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
+            return S3Error(503, "ServiceUnavailable", "Service is unable to handle request.").response(request.method)
+        self.counts["forwarded"] += 1
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+
+        response = StreamingResponse(relay(), status_code=upstream.status_code,
+                                     background=BackgroundTask(upstream.aclose))
+        response.raw_headers = [
+            (k.lower(), v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP
+        ]
+        return response
+
+
+def create_app(
+    upstream: str, access_key: str = "testing", secret_key: str = "testing", region: str = "us-east-1",
+    *, credentials: dict[str, str] | None = None,
+) -> Starlette:
+    """The proxy as an ASGI app; ``credentials`` (access key -> secret) adds more key pairs."""
+    proxy = S3Proxy(upstream, {access_key: secret_key, **(credentials or {})}, region)
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]
+    app = Starlette(
+        routes=[
+            Route("/_proxy/faults", proxy.set_faults, methods=["POST"]),
+            Route("/_proxy/stats", proxy.stats, methods=["GET"]),
+            Route("/_proxy/health", lambda request: JSONResponse({"ok": True}), methods=["GET"]),
+            Route("/{path:path}", proxy.s3, methods=methods),
+        ],
+        lifespan=proxy.lifespan,
+    )
+    app.state.proxy = proxy
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m emulators.s3proxy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--listen-port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="moto's URL, e.g. http://127.0.0.1:5000")
+    parser.add_argument("--access-key", default="testing")
+    parser.add_argument("--secret-key", default="testing")
+    parser.add_argument("--region", default="us-east-1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(args.upstream, args.access_key, args.secret_key, args.region)
+    # No Date/Server of our own: the upstream's are forwarded, and two of each would be wrong.
+    uvicorn.run(app, host=args.listen_host, port=args.listen_port, log_level="warning", access_log=False,
+                date_header=False, server_header=False)
+
+
+if __name__ == "__main__":
+    main()
