@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from importlib import import_module
+from pathlib import Path
 
 import uvicorn
 
@@ -17,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("provider", choices=EMULATORS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--config", default="{}", help="JSON object of settings (see the emulator's Config)")
+    parser.add_argument(
+        "--config", default="{}", help="JSON object of settings (see the emulator's Config), or @FILE holding one (keys stay out of ps)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one setting; VALUE is JSON or text")
     args = parser.parse_args(argv)
 
@@ -26,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     # threads from delaying the loop (and so its stamps and counts) by 5 ms at a time.
     sys.setswitchinterval(0.001)
     module = import_module(f"emulators.{args.provider}")
-    settings = json.loads(args.config)
+    text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
+    settings = json.loads(text)
     for item in args.set:
         key, _, value = item.partition("=")
         try:

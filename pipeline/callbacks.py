@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline import jobs
+from pipeline import jobs, links
 from pipeline.providers import get_provider, provider_names
 from pipeline.providers.base import CallbackRejected
 from pipeline.runtime import get_runtime
@@ -81,9 +81,11 @@ def health(request: Request) -> JSONResponse:
 
 
 def create_app() -> Starlette:
+    """The receiver: providers' callbacks, and the signed document links tuputech downloads from."""
     return Starlette(
         routes=[
             Route("/callbacks/{provider}/{job_id}", receive, methods=["POST"]),
+            *links.routes(),
             Route("/health", health, methods=["GET"]),
         ]
     )

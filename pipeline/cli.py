@@ -109,7 +109,7 @@ def status(job_id: str) -> None:
 
 @app.command()
 def callbacks(
-    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0 to accept callbacks from other machines)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port; DOCPIPE_CALLBACK_BASE_URL must reach it")] = 8090,
 ) -> None:
     """Serve the callback receiver that callback providers (tuputech) deliver results to."""

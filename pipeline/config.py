@@ -8,6 +8,7 @@ an exception shows ``**********`` instead of the key.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -86,6 +87,16 @@ class Settings(BaseSettings):
     idp_feature_type_id: int = 1
     idp_language: str | None = None
     idp_login_cooldown: float = Field(60.0, description="Seconds every worker waits after a failed or locked-out login.")
+    idp_api_prefix: str = Field(
+        "/api",
+        description="Path prefix of the extraction API. The seed's URL table has /api, its examples do not: "
+        "a 404 on the prefixed path is tried once without it, and the answer is remembered.",
+    )
+    idp_login_encoding: Literal["auto", "base64", "plain"] = Field(
+        "auto",
+        description="How login values travel: the seed's python example sends base64, its curl example plain text; "
+        "auto tries base64, then plain once when refused as a wrong password.",
+    )
 
     # tuputech (document moderation, results by signed callback)
     tuputech_base_url: str = "https://api.open.tuputech.com"
@@ -94,7 +105,20 @@ class Settings(BaseSettings):
     tuputech_public_key: str = ""  # PEM of Tuputech's key: verifies answers and callbacks
     tuputech_max_in_flight: int = 30
     tuputech_callback_rule: str | None = None
-    callback_base_url: str = "http://127.0.0.1:8090"
+    tuputech_page_index_base: Literal[0, 1] | None = Field(
+        None,
+        description="Where the callback's page indexes start. The seed's table says 1, its example shows 0; "
+        "None tells them apart from the callback itself where it can, and follows the example where it cannot.",
+    )
+    callback_base_url: str = Field(
+        "http://127.0.0.1:8090",
+        description="The receiver (docpipe callbacks) as the providers reach it: callbacks arrive there, and "
+        "tuputech downloads documents from its signed links.",
+    )
+    link_secret: SecretStr = Field(
+        SecretStr(""),
+        description="Key of the document links' signatures; empty: one random key per deployment, kept in Redis.",
+    )
 
 
 @lru_cache

@@ -26,6 +26,7 @@ DEMO_BAIDU_KEY = "demo-api-key"
 DEMO_BAIDU_SECRET = "demo-secret-key"
 DEMO_IDP_USER, DEMO_IDP_PASSWORD = "demo", "demo-password"
 DEMO_TUPUTECH_SECRET_ID = "demo-secret-id"
+S3_ACCESS_KEY, S3_SECRET_KEY = "docpipe-local", "docpipe-local-secret"
 
 
 def free_port() -> int:
@@ -109,7 +110,7 @@ class LocalStack:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for service in ("redis", "s3", "flower", "callbacks"):
+        for service in ("redis", "s3", "moto", "flower", "callbacks"):
             self.ports.setdefault(service, free_port())
         self._tuputech_keys: dict[str, str] = {}
 
@@ -136,8 +137,8 @@ class LocalStack:
         env = {
             "DOCPIPE_REDIS_URL": f"redis://127.0.0.1:{self.ports['redis']}/0",
             "DOCPIPE_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['s3']}",
-            "DOCPIPE_AWS_ACCESS_KEY_ID": "testing",
-            "DOCPIPE_AWS_SECRET_ACCESS_KEY": "testing",
+            "DOCPIPE_AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "DOCPIPE_AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
             "DOCPIPE_STAGING_BUCKET": "docpipe-staging",
             "DOCPIPE_RESULTS_BUCKET": "docpipe-results",
         }
@@ -167,14 +168,10 @@ class LocalStack:
 
     def activate(self) -> None:
         """Point this process at the stack (the enqueueing side of tests, demo and benchmarks)."""
-        from pipeline.providers import get_provider
         from pipeline.runtime import reset_runtime
-        from pipeline.storage import _client
 
         os.environ.update(self.env)
         reset_runtime()
-        get_provider.cache_clear()
-        _client.cache_clear()
         _point_celery_at(self.env["DOCPIPE_REDIS_URL"])
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -228,16 +225,33 @@ class LocalStack:
         self.start_redis()
 
     def start_s3(self) -> None:
+        """moto's S3 server behind ``emulators.s3proxy``, which checks every request's signature,
+        method included, as real S3 does (moto checks none): what S3 would refuse fails here too."""
+        moto_port = self.ports.setdefault("moto", free_port())
         port = self.ports.setdefault("s3", free_port())
-        proc = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
-        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/moto-api/"), 30, "moto S3 server")
+        moto = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)])
+        self._ready(moto, lambda: _http_ok(f"http://127.0.0.1:{moto_port}/moto-api/"), 30, "moto S3 server")
+        front = self._spawn(
+            "s3",
+            [sys.executable, "-m", "emulators.s3proxy", "--listen-port", str(port), "--upstream", f"http://127.0.0.1:{moto_port}",
+             "--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY],
+        )
+        self._ready(front, lambda: _http_ok(f"http://127.0.0.1:{port}/_proxy/health"), 30, "S3 signature-checking front")
+
+    def s3_faults(self, mode: str, seconds: float | None = None) -> None:
+        """Make S3 answer ``503 SlowDown`` (``"slowdown"``) or ``500`` (``"error500"``) for ``seconds``; ``"ok"`` ends it."""
+        body: dict[str, Any] = {"mode": mode} if seconds is None else {"mode": mode, "seconds": seconds}
+        httpx.post(f"http://127.0.0.1:{self.ports['s3']}/_proxy/faults", json=body, timeout=5).raise_for_status()
 
     def start_emulator(self, provider: str, config: dict[str, Any] | None = None) -> None:
         port = self.ports.setdefault(provider, free_port())
         merged = {**self._emulator_defaults(provider), **self.emulator_config.get(provider, {}), **(config or {})}
+        # In a file readable by us alone, not on the command line: it holds the emulator's keys.
+        config_file = self.workdir / f"emulator-{provider}.json"
+        config_file.touch(mode=0o600)
+        config_file.write_text(json.dumps(merged))
         proc = self._spawn(
-            f"emulator-{provider}",
-            [sys.executable, "-m", "emulators", provider, "--port", str(port), "--config", json.dumps(merged)],
+            f"emulator-{provider}", [sys.executable, "-m", "emulators", provider, "--port", str(port), "--config", f"@{config_file}"]
         )
         self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{port}/_emulator/health"), 20, f"{provider} emulator")
 

@@ -46,6 +46,7 @@ class Job(BaseModel):
     document: DocumentInfo | None = None
     provider_task_id: str | None = None
     submitted_at: float | None = None
+    provider_status: str | None = None  # the provider's last word on the task, as it said it
     polls: int = 0
     attempts: int = 0  # transient failures of the current stage so far
 

@@ -36,11 +36,14 @@ class BuiltOnce(Generic[T]):
     TLS context under one GIL; the first documents of a batch took 1-1.6 s to stage, not 30 ms.
     """
 
+    _every: list[BuiltOnce[Any]] = []
+
     def __init__(self, build: Callable[..., T]) -> None:
         self._build = build
         self._built: dict[tuple[Any, ...], T] = {}
         self._lock = threading.RLock()
         functools.update_wrapper(self, build)
+        BuiltOnce._every.append(self)
 
     def __call__(self, *args: Any) -> T:
         try:
@@ -80,6 +83,8 @@ def get_runtime() -> Runtime:
 
 
 def reset_runtime() -> None:
-    """Forget the process' settings and connections (tests that change the environment)."""
+    """Forget the process' settings and everything built from them: connections, clients,
+    providers, keys (tests and tools that point a process at another stack)."""
     get_settings.cache_clear()
-    get_runtime.cache_clear()
+    for cache in BuiltOnce._every:
+        cache.cache_clear()

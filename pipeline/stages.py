@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError, RateWait
+from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError, Permanent, RateWait
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import PollPolicy
 from pipeline.providers import get_provider
@@ -85,7 +85,17 @@ def stage(job: Job) -> Job:
         height=height,
     )
     get_provider(job.provider).check(document, job)
-    jobs.record(get_runtime().redis, job.job_id, state="staged", stage="stage")
+    # Where the bytes are, for the receiver's document links (they never name the bucket).
+    jobs.record(
+        get_runtime().redis,
+        job.job_id,
+        state="staged",
+        stage="stage",
+        doc_bucket=bucket,
+        doc_key=key,
+        doc_etag=document.etag,
+        doc_format=fmt,
+    )
     return job.model_copy(update={"document": document})
 
 
@@ -97,8 +107,11 @@ def submit(job: Job) -> Job:
 
     Where the provider limits tasks in flight, the provider takes a lease right before its
     request (``Provider.take_slot``) with a short TTL, so a worker that dies before sending
-    frees it within seconds; here it is lengthened to the document's deadline once the
-    provider has accepted the task, or freed when the provider refused it.
+    frees it within seconds. The moment the raw answer names a task, its id is recorded and
+    only then the lease lengthened to the document's deadline: the provider has the task from
+    that moment, so a Redis blip in between must not look like a free slot, and anything that
+    fails afterwards (an answer that does not verify or validate) fails the document with the
+    task id instead of sending it again. A refusal frees the slot at once.
     """
     rt = get_runtime()
     provider = get_provider(job.provider)
@@ -116,21 +129,43 @@ def submit(job: Job) -> Job:
     guard = f"docpipe:submitting:{job.job_id}"
     if not rt.redis.set(guard, "1", nx=True, ex=int(rt.settings.http_timeout * 2 + rt.settings.lease_max_wait)):
         raise RateWait(guard, 2.0)
+    acceptance: dict[str, float | str] = {}
+
+    def accepted(task_id: str) -> None:
+        acceptance.update(task_id=task_id, at=time.time())
+        _remember_acceptance(job, task_id, float(acceptance["at"]))
+        if limit:
+            rt.leases.extend(provider.lease_key(), job.job_id, deadline)
+
     try:
-        task_id = provider.submit(job)
+        task_id = provider.submit(job, accepted)
     except Exception as exc:
         rt.redis.delete(guard)
+        if acceptance:
+            # The provider has the task: fail the document with its id, keep the slot until the provider is done.
+            raise Permanent(
+                f"{job.label()}: the provider accepted task {acceptance['task_id']} but its answer is unusable "
+                f"({_reason(exc)}); not sending the document again",
+                code="accepted_answer_invalid",
+            ) from None
         # An answer (even an error) means the provider did not take the task: free the slot now.
         # A timeout may hide an accepted task, so that lease is left to expire with its grace.
         if limit and getattr(exc, "code", None) != "timeout":
             rt.leases.release(provider.lease_key(), job.job_id)
         raise
-    submitted_at = time.time()
-    if limit:
-        rt.leases.extend(provider.lease_key(), job.job_id, deadline)
-    _remember_acceptance(job, task_id, submitted_at)
+    if not acceptance:  # a provider module that returned without reporting the acceptance
+        accepted(task_id)
     rt.redis.delete(guard)
-    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at, "polls": 0})
+    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": float(acceptance["at"]), "polls": 0})
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words that quote no input (a pydantic error's text would quote the answer)."""
+    if isinstance(exc, DocpipeError):
+        return exc.message
+    if isinstance(exc, ValidationError):
+        return "unexpected answer shape at " + ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)[:3])
+    return type(exc).__name__
 
 
 def _remember_acceptance(job: Job, task_id: str, submitted_at: float, patience: float = 120.0) -> None:
@@ -176,10 +211,12 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     if job.polls == 0 and now < submitted_at + policy.first_delay:
         return job, submitted_at + policy.first_delay - now
     if policy.expired(submitted_at, now):
+        last = f", last status {job.provider_status}" if job.provider_status else ""
         raise DeadlineExceeded(
             f"{job.label()}: the provider has not finished {policy.deadline:.0f}s after submit "
-            f"(task {job.provider_task_id}, {job.polls} polls)",
+            f"(task {job.provider_task_id}, {job.polls} polls{last})",
             code="deadline_exceeded",
+            provider_code=job.provider_status,
         )
     try:
         outcome = get_provider(job.provider).poll(job)
@@ -187,7 +224,8 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         # The result endpoint is busy: come back after the token we were told of, spread over
         # up to one poll interval so that the refused polls do not all race for the same one.
         return job, wait.delay + random.uniform(0.0, policy.next_delay(max(job.polls, 1)))
-    job = job.model_copy(update={"polls": job.polls + 1})
+    status = None if outcome.status is None else str(outcome.status)
+    job = job.model_copy(update={"polls": job.polls + 1, "provider_status": status or job.provider_status})
     if not outcome.done:
         log.debug("%s: poll %d: %s", job.label(), job.polls, outcome.detail)
         return job, policy.next_delay(job.polls)
@@ -260,12 +298,13 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
         provider_code = None if exc.provider_code is None else str(exc.provider_code)
         provider_message = exc.provider_message
     elif isinstance(exc, ValidationError):  # never its str(): that quotes the input, which may hold a token
-        where = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)[:3])
-        code, message, retryable = "malformed_answer", f"{job.label()}: unexpected answer shape ({where})", True
+        code, message, retryable = "malformed_answer", f"{job.label()}: {_reason(exc)}", True
         provider_code = provider_message = None
     else:
         code, message, retryable = "internal", f"{job.label()}: {type(exc).__name__}: {exc}", True
         provider_code = provider_message = None
+    rt = get_runtime()
+    task_id = job.provider_task_id or jobs.read(rt.redis, job.job_id).get("provider_task_id")
     error = JobError(
         job_id=job.job_id,
         provider=job.provider,
@@ -276,13 +315,12 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
         retryable=retryable,
         provider_code=provider_code,
         provider_message=provider_message,
-        provider_task_id=job.provider_task_id,
+        provider_task_id=task_id,
     )
     prefix = storage.archive_prefix(job.provider, job.job_id)
     final = storage.finished(job.provider, job.job_id)
     if final is None:
         storage.put_json(prefix + "error.json", error.model_dump(mode="json"), only_if_absent=True)
-    rt = get_runtime()
     jobs.record(
         rt.redis,
         job.job_id,
@@ -290,5 +328,8 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
         stage=stage_name,
         error=message,
     )
-    get_provider(job.provider).finished(job)
+    if task_id is None:
+        # Nothing runs at the provider. A task that does keeps its slot until its callback
+        # comes or its lease expires: the provider still counts it.
+        get_provider(job.provider).finished(job)
     return error

@@ -4,12 +4,14 @@ baidu emulator and two Celery workers. Nothing here is mocked."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
+from pipeline import DocumentFailedError
 from pipeline.devstack import LocalStack
 
 PROVIDERS = ("baidu", "idp", "tuputech")
@@ -91,6 +93,19 @@ def idp(stack: LocalStack) -> Iterator[EmulatorControl]:
 @pytest.fixture
 def tuputech(stack: LocalStack) -> Iterator[EmulatorControl]:
     yield from _emulator(stack, "tuputech")
+
+
+def outcomes(handles, timeout: float = 240) -> list:
+    """Each handle's result, or its ``DocumentFailedError``, waited for together."""
+
+    def outcome(handle):
+        try:
+            return handle.wait(timeout=timeout)
+        except DocumentFailedError as failure:
+            return failure
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(outcome, handles))
 
 
 @pytest.fixture

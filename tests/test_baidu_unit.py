@@ -127,3 +127,81 @@ def test_transport_failures_become_transient_without_the_url_or_token():
         provider.send("submit", request)
     for secret in ("TOKEN-SECRET", "AK-SECRET", "SK-SECRET", "baidu.invalid"):
         assert secret not in str(caught.value)
+
+
+class _Token:
+    def get(self) -> str:
+        return "TOKEN"
+
+    def invalidate(self, stale: str) -> str:
+        return "TOKEN-2"
+
+
+def _provider(handler) -> baidu.BaiduProvider:
+    from pipeline.config import Settings
+    from pipeline.runtime import Runtime
+
+    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url="http://baidu.invalid", global_limits=False)
+    runtime = Runtime(settings=settings, redis=None, limiter=None, leases=None, http=httpx.Client(transport=httpx.MockTransport(handler)))
+    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
+    provider.rt, provider.settings, provider._base, provider._credential = runtime, settings, settings.baidu_base_url, _Token()
+    return provider
+
+
+def _job(fmt: str = "png") -> Job:
+    return Job(
+        job_id="j1",
+        provider="baidu",
+        source="s3://b/k",
+        location="s3://b/k",
+        provider_task_id="task-1",
+        document=DocumentInfo(bucket="b", key="card.png", filename="card.png", size=4, format=fmt),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ('{"error_code":0,"error_msg":"","log_id":"1","task_result":{"task_id":"task-a"}}', "task-a"),
+        ('{"error_code":0,"result":{"task_id":"task-b"}}', "task-b"),
+        ('{"error_code":0,"error_msg":"","log_id":"1","task_result":{"task_id":"task-c"', "task-c"),  # cut short
+        ('{"error_code":283016,"error_msg":"parameters value error","log_id":"2","data":null}', None),
+        ('{"error_code":0,"log_id":"3"}', None),
+        ("<html>502 Bad Gateway</html>", None),
+    ],
+)
+def test_the_task_id_is_read_from_the_raw_submit_answer(text, found):
+    assert baidu.accepted_task_id(text) == found
+
+
+def test_submit_sends_both_spellings_of_the_file_name_and_reports_the_acceptance_first(monkeypatch):
+    monkeypatch.setattr(baidu.storage, "read_object", lambda bucket, key: b"\x89PNG")
+    forms: list[bytes] = []
+
+    def cut_short(request: httpx.Request) -> httpx.Response:
+        forms.append(request.read())
+        return httpx.Response(200, text='{"error_code":0,"error_msg":"","log_id":"9","task_result":{"task_id":"task-z"')
+
+    accepted: list[str] = []
+    with pytest.raises(Transient):
+        _provider(cut_short).submit(_job(), accepted.append)
+    assert accepted == ["task-z"]
+    assert b"fileName=card.png" in forms[0] and b"file_name=card.png" in forms[0]
+
+
+def test_a_status_the_seed_does_not_list_keeps_polling_and_is_named():
+    body = {"error_code": 0, "log_id": 1, "task_result": {"task_id": "task-1", "status": "Queued", "created": 1742197075}}
+    outcome = _provider(lambda request: httpx.Response(200, json=body)).poll(_job())
+    assert outcome.done is False and outcome.status == "Queued" and "Queued" in outcome.detail
+
+
+def test_combo_leaves_and_locations_as_lists_as_the_table_reads_them():
+    leaf = [{"words": "2.30", "location": [{"box": [[1, 2], [3, 2], [3, 4], [1, 4]], "cbox": [1, 2, 2, 2]}]}]
+    body = {
+        "error_code": 0,
+        "task_result": {"task_id": "task-1", "status": "Success"},
+        "words_result": [{"page_num": 1, "kv_result": {"single_key": {}, "combo_key": {"rows": [{"单价": leaf}]}}}],
+    }
+    result = baidu.normalize(_job(), baidu.GetResultResponse.model_validate(body))
+    (field,) = result.fields
+    assert (field.name, field.value, field.group, field.row, field.box) == ("单价", "2.30", "rows", 0, leaf[0]["location"][0]["box"])

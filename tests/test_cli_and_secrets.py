@@ -72,8 +72,14 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
     keys = stack.tuputech_keys()
     pem_line = keys["client_private"].splitlines()[1]  # a line of our private key's body
     secrets = [DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, pem_line, "access_token=24.", "Bearer ey", "X-Amz-Signature="]
+    client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
+    link_secret = client.get("docpipe:link-secret")
+    if link_secret:  # the key that signs document links
+        secrets.append(link_secret.decode())
     signature = re.compile(r"[A-Za-z0-9+/]{300,}={0,2}")  # an RSA-2048 signature is 344 base64 characters
-    ours = [p for p in stack.workdir.glob("*.log") if not p.name.startswith(("emulator-", "redis", "s3"))]
+    link = re.compile(r"/documents/[0-9a-f]{32}/\d+/[A-Za-z0-9_-]{20,}")  # a signed document link
+    # Every log of docpipe's own processes (the emulators, Redis and the S3 servers are not docpipe's).
+    ours = [p for p in stack.workdir.glob("*.log") if not p.name.startswith(("emulator-", "redis", "s3", "moto"))]
     assert any(p.name.startswith("worker-") for p in ours)
     for log in ours:
         text = log.read_text(errors="replace")
@@ -81,8 +87,8 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
             assert secret not in text, f"{secret[:12]}... in {log.name}"
         assert DEMO_BAIDU_KEY not in text
         assert not signature.search(text), f"a signature in {log.name}"
+        assert not link.search(text), f"a signed document link in {log.name}"
 
-    client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
     for key in client.scan_iter("docpipe:job:*"):
         record = json.dumps({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
         for secret in secrets:
@@ -97,4 +103,5 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
             for secret in secrets:
                 assert secret not in text, f"{secret[:12]}... in {obj['Key']}"
             assert not signature.search(text), f"a signature in {obj['Key']}"
+            assert not link.search(text), f"a signed document link in {obj['Key']}"
     assert archived >= 2 * len(own)

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from pipeline.config import get_settings
 from pipeline.devstack import DEMO_IDP_PASSWORD, DEMO_IDP_USER
 from pipeline.providers import idp_wire as wire
 from pipeline.samples import make_batch
-from tests.conftest import EmulatorControl
+from tests.conftest import EmulatorControl, outcomes
 
 
 def _archived(job_id: str, name: str) -> bytes:
@@ -38,19 +37,6 @@ def _wait_for(check, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _wait_all(handles, timeout: float = 240) -> list:
-    """Each handle's result, or its ``DocumentFailedError``."""
-
-    def outcome(handle):
-        try:
-            return handle.wait(timeout=timeout)
-        except DocumentFailedError as failure:
-            return failure
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(outcome, handles))
-
-
 def _bad_login(idp: EmulatorControl) -> str:
     """A login with a stale password, as another client of the same account would send it."""
     body = {"username": base64.b64encode(DEMO_IDP_USER.encode()).decode(), "password": base64.b64encode(b"stale").decode()}
@@ -60,7 +46,7 @@ def _bad_login(idp: EmulatorControl) -> str:
 def test_batch_of_documents_is_archived_with_results_and_highlight(idp, docs):
     samples = make_batch(docs, 22)
     handles = [enqueue(s.path, provider="idp") for s in samples]
-    results = _wait_all(handles)
+    results = outcomes(handles)
 
     for sample, handle, result in zip(samples, handles, results):
         assert not isinstance(result, Exception), result
@@ -99,7 +85,7 @@ def test_token_expiry_mid_batch_is_survived_with_exactly_one_relogin(idp, docs):
     logins_before = idp.endpoint("login")["requests"]
     idp.post("/_emulator/expire_tokens")
 
-    results = _wait_all(handles)
+    results = outcomes(handles)
 
     assert not [r for r in results if isinstance(r, Exception)]
     stats = idp.stats()["endpoints"]
@@ -127,7 +113,7 @@ def test_a_locked_out_account_is_waited_for_without_a_login_storm(idp, docs):
     # While four documents waited out the lock: one login per cool-down, not one per document or retry.
     assert idp.endpoint("login")["requests"] - ours <= math.ceil(lock_seconds / cooldown) + 1
 
-    results = _wait_all(handles)
+    results = outcomes(handles)
 
     assert not [r for r in results if isinstance(r, Exception)]  # the lock passed and every document completed
     logins = idp.endpoint("login")
@@ -142,7 +128,7 @@ def test_wrong_credentials_fail_the_batch_after_a_single_login(idp, docs):
     samples = make_batch(docs, 3)
     handles = [enqueue(s.path, provider="idp") for s in samples]
 
-    results = _wait_all(handles)
+    results = outcomes(handles)
 
     for handle, result in zip(handles, results):
         assert isinstance(result, DocumentFailedError), result

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from pydantic import ValidationError
 
 from pipeline.config import Settings
 from pipeline.errors import AuthExpired, BadInput, Permanent, Transient
@@ -248,6 +249,22 @@ def test_login_sends_base64_values_and_reads_the_token_lifetime():
     assert seen == [{"username": base64.b64encode(b"alice").decode(), "password": base64.b64encode(PASSWORD.encode()).decode()}]
 
 
+def test_auto_login_tries_the_curl_examples_plain_values_once_and_keeps_what_works():
+    token = jwt.encode({"exp": int(time.time()) + 600}, "k" * 32, algorithm="HS256")
+    seen: list[dict] = []
+
+    def plain_only(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        if seen[-1]["password"] != PASSWORD:
+            return refusal(400, wire.BAD_CREDENTIALS)
+        return httpx.Response(200, json={"status": 200, "message": wire.LOGIN_OK, "access_token": token})
+
+    provider = make_provider(plain_only)
+    assert provider._login()[0] == token and provider._login()[0] == token
+    plain = {"username": "alice", "password": PASSWORD}
+    assert seen == [{"username": base64.b64encode(b"alice").decode(), "password": base64.b64encode(PASSWORD.encode()).decode()}, plain, plain]
+
+
 @pytest.mark.parametrize(
     ("message", "kind", "code"),
     [
@@ -317,8 +334,9 @@ def test_submit_uploads_the_file_with_the_documented_query(monkeypatch):
         body = {"status": 200, "message": wire.TASK_CREATED, "ids": [EXTRACT_ID], "items": [item], "total": 1}
         return httpx.Response(200, json=body)
 
-    task_id = make_provider(handler).submit(make_job(feature_type_id=9, language="zh"))
-    assert task_id == str(EXTRACT_ID)
+    accepted: list[str] = []
+    task_id = make_provider(handler).submit(make_job(feature_type_id=9, language="zh"), accepted.append)
+    assert task_id == str(EXTRACT_ID) and accepted == [str(EXTRACT_ID)]
     (request,) = requests
     assert request.method == "POST" and request.url.path == "/api/extracting/v2/task"
     assert request.headers["authorization"] == "Bearer TOKEN-1"
@@ -338,15 +356,76 @@ def test_submit_without_options_uses_the_settings_and_the_image_file_type(monkey
         item = {"id": 5, "extract_task_id": 3, "origin_name": "a.png", "unique_name": "x.png"}
         return httpx.Response(200, json={"status": 200, "items": [item]})
 
-    make_provider(handler, idp_feature_type_id=4).submit(make_job("png"))
+    make_provider(handler, idp_feature_type_id=4).submit(make_job("png"), lambda task_id: None)
     assert params[0]["feature_type_id"] == "4" and params[0]["file_types"] == "2" and "language" not in params[0]
 
 
 def test_an_oversized_upload_is_permanent_too_large(monkeypatch):
     monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key: b"%PDF-")
+    accepted: list[str] = []
     with pytest.raises(Permanent) as refused:
-        make_provider(lambda request: refusal(400, wire.OVER_LIMIT)).submit(make_job())
-    assert refused.value.code == "too_large"
+        make_provider(lambda request: refusal(400, wire.OVER_LIMIT)).submit(make_job(), accepted.append)
+    assert refused.value.code == "too_large" and accepted == []
+
+
+def test_an_accepted_answer_that_fails_validation_reports_its_extract_id_first(monkeypatch):
+    monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key: b"%PDF-")
+    body = {"status": 200, "ids": [EXTRACT_ID], "items": [{"id": EXTRACT_ID, "extract_task_id": 3}]}  # no origin/unique name
+    accepted: list[str] = []
+    with pytest.raises(ValidationError):
+        make_provider(lambda request: httpx.Response(200, json=body)).submit(make_job(), accepted.append)
+    assert accepted == [str(EXTRACT_ID)]
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ('{"items": [{"id": 7, "extract_task_id": 1}], "ids": [7]}', "7"),
+        ('{"ids": [8]}', "8"),
+        ('{"status": 200, "ids": [9], "items": [{"id": 9, "extract_ta', "9"),
+        ('{"status": 400, "message": "文件大小或页数超过上限"}', None),
+        ("<html>502</html>", None),
+    ],
+)
+def test_the_extract_id_is_read_from_the_raw_answer(text, found):
+    assert idp.accepted_extract_id(text) == found
+
+
+def test_a_404_under_the_prefix_is_tried_once_without_it_and_remembered():
+    paths: list[str] = []
+
+    def examples_only(request: httpx.Request) -> httpx.Response:
+        """A platform that serves the seed's examples' paths, /extracting/..., and nothing under /api."""
+        paths.append(request.url.path)
+        if request.url.path.startswith("/api/"):
+            return httpx.Response(404, text="Not Found")
+        return httpx.Response(200, json=result_body(7))
+
+    provider = make_provider(examples_only)
+    assert provider.poll(make_job()).done is False
+    assert provider.poll(make_job()).done is False
+    assert paths == [f"/api/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}"]
+
+
+def test_a_real_not_found_stays_a_not_found_under_both_prefixes():
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return refusal(404, wire.EXTRACT_NOT_FOUND)
+
+    provider = make_provider(handler, idp_api_prefix="")
+    with pytest.raises(Permanent):
+        provider.poll(make_job())
+    assert paths == [f"/extracting/v2/{EXTRACT_ID}", f"/api/extracting/v2/{EXTRACT_ID}"]
+    assert provider._prefix == ""
+
+
+@pytest.mark.parametrize("status", [3, 42])
+def test_text_converted_and_unlisted_statuses_keep_polling_and_name_the_status(status):
+    outcome = make_provider(lambda request: httpx.Response(200, json=result_body(status))).poll(make_job())
+    assert outcome.done is False and outcome.error is None
+    assert str(status) in str(outcome.status)
 
 
 def test_fetch_normalizes_keeps_the_raw_body_and_downloads_the_highlight():

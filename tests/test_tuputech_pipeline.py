@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import DocumentFailedError, enqueue, storage
 from pipeline.devstack import LocalStack
-from pipeline.providers.tuputech_wire import generate_key_pair, seal
+from tests.tuputech_signing import generate_key_pair, seal
 from pipeline.samples import make_report_pdf
 from tests.conftest import FAST_POLLING, EmulatorControl
 
@@ -42,7 +42,7 @@ def test_batch_is_moderated_with_verdicts_and_page_texts(tuputech, docs):
         names = storage.archive_names("tuputech", handle.job_id)
         assert {"result.json", "raw.json"} <= names
         assert {f"pages/{n}.txt" for n in range(1, pages + 1)} <= names
-        assert f"Quarterly report" in result.pages[0].text
+        assert "Quarterly report" in result.pages[0].text
         raw = json.dumps(storage.get_json(storage.archive_prefix("tuputech", handle.job_id) + "raw.json"))
         assert "X-Amz-Signature=REDACTED" in raw or "X-Amz-Signature" not in raw
         assert "signature" not in json.loads(raw)

@@ -1,23 +1,29 @@
 """Baidu iOCR universal recognition (seed 002): OAuth token, form submit, get_result polling.
 
-Wire models here describe the API once for both the client and the emulator; the seed's
-inconsistent spellings (``file_name``/``fileName``, ``result``/``task_result``) are all accepted.
+The wire models are the client's reading of the seed (the emulator has its own). Where the
+seed contradicts itself the client takes both forms: it sends the file name as ``fileName``
+(the working example) and ``file_name`` (the table), reads the task id from ``task_result``
+(example) or ``result`` (table), and combo leaves and locations as objects or lists.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any, ClassVar, Literal
+import json
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline import sniff, storage
 from pipeline.credentials import SharedCredential
 from pipeline.errors import AuthExpired, BadInput, Permanent, RateLimited, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, ExtractedField, Job, NormalizedResult
-from pipeline.providers.base import Fetched, PollOutcome, Provider
+from pipeline.providers.base import Fetched, PollOutcome, Provider, json_object
 from pipeline.runtime import Runtime
 
 TOKEN_PATH = "/oauth/2.0/token"
@@ -76,7 +82,7 @@ class TokenError(_Wire):
 class ErrorResponse(_Wire):
     log_id: str | int | None = None
     error_code: int
-    error_msg: str = ""
+    error_msg: str | None = ""
     error_explain: str | None = None
     data: Any = None
 
@@ -87,7 +93,7 @@ class TaskRef(_Wire):
 
 class SubmitResponse(_Wire):
     error_code: int = 0
-    error_msg: str = ""
+    error_msg: str | None = ""
     log_id: str | int | None = None
     result: TaskRef | None = None
     task_result: TaskRef | None = None
@@ -104,7 +110,9 @@ class Location(_Wire):
 
 
 class Words(_Wire):
-    words: str = ""
+    """One value. ``location`` is an object in the seed's example and ``[]dict`` in its table: both are read."""
+
+    words: str | None = ""
     location: Location | list[Location] | None = None
 
     def first_box(self) -> list[list[float]] | None:
@@ -113,8 +121,9 @@ class Words(_Wire):
 
 
 class KvResult(_Wire):
-    single_key: dict[str, list[Words]] = Field(default_factory=dict)
-    combo_key: dict[str, list[dict[str, Words]]] = Field(default_factory=dict)
+    single_key: dict[str, list[Words]] | None = None
+    # Each combo row maps a leaf name to one value in the seed's example, to ``[]dict`` in its table.
+    combo_key: dict[str, list[dict[str, Words | list[Words]]]] | None = None
     full_result: Any = None
     other_result: Any = None
 
@@ -122,27 +131,77 @@ class KvResult(_Wire):
 class WordsResult(_Wire):
     page_num: int | None = None
     doc_type: str | None = None
-    doc_location: Location | dict | None = None
+    doc_location: Location | list[Location] | None = None
     kv_result: KvResult | None = None
 
 
 class TaskResult(_Wire):
-    task_id: str
-    status: Literal["Running", "Success", "Failed"]
-    reason: str | None = ""
+    task_id: str | None = None
+    # Running, Success or Failed by the seed; any other value is kept as the provider sent it.
+    status: str
+    reason: str | None = None
+    # The table types them int, the example sends "2025-03-17 15:37:55" (and "" while running).
     created: str | int | None = None
     started: str | int | None = None
     finished: str | int | None = None
-    duration: int | None = None
+    duration: int | float | None = None
 
 
 class GetResultResponse(_Wire):
     error_code: int = 0
-    error_msg: str = ""
+    error_msg: str | None = ""
     log_id: str | int | None = None
     task_result: TaskResult
     words_result_num: int | None = None
     words_result: list[WordsResult] | None = None
+
+
+# --- reading answers -----------------------------------------------------------------------
+
+STATUSES = ("Running", "Success", "Failed")  # task_result.status, seed line 134
+AUTH_CODES = frozenset(code for code, (kind, _) in ERROR_CODES.items() if kind == "auth")
+_TASK_ID_IN_TEXT = re.compile(r'"task_id"\s*:\s*"([^"\\]+)"')
+
+
+def _error_code_of(body: dict[str, Any]) -> int:
+    try:
+        return int(body.get("error_code") or 0)
+    except (TypeError, ValueError):
+        raise Transient(f"baidu: error_code {body.get('error_code')!r} is not a number", code="malformed_answer") from None
+
+
+def _error_code(response: httpx.Response) -> int | None:
+    """The answer's error_code, or None when the answer is not the documented JSON."""
+    try:
+        return _error_code_of(json_object(response, "baidu"))
+    except Transient:
+        return None
+
+
+def accepted_task_id(text: str) -> str | None:
+    """The task id a submit answer names, read from the raw text before anything is validated.
+
+    An answer that parses and says error_code != 0 accepted nothing. One that does not parse
+    at all (cut short, not JSON) is searched for a task id: if the provider named one, it has
+    the task, and that must be remembered before the broken answer fails the document.
+    """
+    try:
+        body = json.loads(text)
+    except ValueError:
+        found = _TASK_ID_IN_TEXT.search(text)
+        return found.group(1) if found else None
+    if not isinstance(body, dict):
+        return None
+    try:
+        if int(body.get("error_code") or 0) != 0:
+            return None
+    except (TypeError, ValueError):
+        pass
+    for key in ("task_result", "result"):  # the example's spelling, then the table's
+        ref = body.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("task_id"), str) and ref["task_id"]:
+            return ref["task_id"]
+    return None
 
 
 # --- error mapping -------------------------------------------------------------------------
@@ -214,23 +273,27 @@ class BaiduProvider(Provider):
 
     # -- one authenticated call -------------------------------------------------------------
 
-    def _call(
+    def _send_form(
         self, endpoint: str, path: str, form: dict[str, str], *, max_wait: float | None = None, alone: bool = False
-    ) -> dict[str, Any]:
+    ) -> httpx.Response:
         """POST a form with the shared token; on 110/111 refresh once (single flight) and resend."""
         token = self._credential.get()
         for attempt in (1, 2):
             request = self.rt.http.build_request("POST", self._base + path, params={"access_token": token}, data=form)
-            body = self.send(endpoint, request, max_wait=max_wait, alone=alone).json()
-            code = int(body.get("error_code") or 0)
-            if code == 0:
-                return body
-            error = error_for(code, str(body.get("error_msg") or ""), endpoint)
-            if isinstance(error, AuthExpired) and attempt == 1:
+            response = self.send(endpoint, request, max_wait=max_wait, alone=alone)
+            if attempt == 1 and _error_code(response) in AUTH_CODES:
                 token = self._credential.invalidate(token)
                 continue
-            raise error
+            return response
         raise AssertionError("unreachable")
+
+    def _call(self, endpoint: str, path: str, form: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+        """The answer's JSON object; a Baidu error code raised as its docpipe error."""
+        body = json_object(self._send_form(endpoint, path, form, **kwargs), f"baidu {endpoint}")
+        code = _error_code_of(body)
+        if code:
+            raise error_for(code, str(body.get("error_msg") or ""), endpoint)
+        return body
 
     # -- the verbs --------------------------------------------------------------------------
 
@@ -261,25 +324,33 @@ class BaiduProvider(Provider):
                 code="too_large",
             )
 
-    def submit(self, job: Job) -> str:
+    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
         doc = job.document
         assert doc is not None
         content = storage.read_object(doc.bucket, doc.key)
         stem = doc.filename.rsplit(".", 1)[0] or "document"
-        form = {
-            FILE_FIELD[doc.format]: base64.b64encode(content).decode(),
-            "file_name": f"{stem}.{sniff.FORMAT_EXTENSIONS[doc.format]}",
-        }
+        name = f"{stem}.{sniff.FORMAT_EXTENSIONS[doc.format]}"
+        # The table names the field file_name, the working example sends fileName: send both.
+        form = {FILE_FIELD[doc.format]: base64.b64encode(content).decode(), "fileName": name, "file_name": name}
         template = job.options.get("template_sign", self.settings.baidu_template_sign)
         classifier = job.options.get("classifier_id", self.settings.baidu_classifier_id)
         if template:
             form["templateSign"] = template
         if classifier:
             form["classifierId"] = classifier
-        response = SubmitResponse.model_validate(self._call("submit", SUBMIT_PATH, form))
-        if not response.task_id:
-            raise Transient("baidu submit: answer without a task_id", code="malformed_answer")
-        return response.task_id
+        response = self._send_form("submit", SUBMIT_PATH, form)
+        task_id = accepted_task_id(response.text)
+        if task_id is not None:
+            accepted(task_id)
+        body = json_object(response, "baidu submit")
+        code = _error_code_of(body)
+        if code:
+            raise error_for(code, str(body.get("error_msg") or ""), "submit")
+        parsed = SubmitResponse.model_validate(body)
+        if not parsed.task_id:
+            # error_code 0 without a task id: the task may exist, so sending again could bill it twice.
+            raise Permanent("baidu submit: success answer without a task_id; not sending again", code="malformed_answer")
+        return parsed.task_id
 
     def _get_result(
         self, job: Job, *, max_wait: float | None = None, alone: bool = False
@@ -291,15 +362,20 @@ class BaiduProvider(Provider):
     def poll(self, job: Job) -> PollOutcome:
         parsed, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
         status = parsed.task_result.status
-        if status == "Running":
-            return PollOutcome(done=False, detail="Running")
+        if status == "Success":
+            return PollOutcome(done=True, status=status)
         if status == "Failed":
             reason = parsed.task_result.reason or "no reason given"
             return PollOutcome(
                 done=True,
-                error=Permanent(f"baidu task failed: {reason}", code="provider_failed", provider_message=reason),
+                status=status,
+                error=Permanent(
+                    f"baidu task failed: {reason}", code="provider_failed", provider_code=status, provider_message=reason
+                ),
             )
-        return PollOutcome(done=True)
+        # Running, or a status the seed does not list: the task is not done, ask again until the deadline.
+        detail = status if status in STATUSES else f"{status} (not a status the seed lists)"
+        return PollOutcome(done=False, status=status, detail=detail)
 
     def fetch(self, job: Job) -> Fetched:
         parsed, body = self._get_result(job)
@@ -316,17 +392,23 @@ def normalize(job: Job, parsed: GetResultResponse) -> NormalizedResult:
     for item in parsed.words_result or []:
         doc_type = doc_type or item.doc_type
         kv = item.kv_result or KvResult()
-        for name, values in kv.single_key.items():
+        for name, values in (kv.single_key or {}).items():
             for words in values:
-                fields.append(ExtractedField(name=name, value=words.words, page=item.page_num, box=words.first_box()))
-        for group, rows in kv.combo_key.items():
+                fields.append(ExtractedField(name=name, value=words.words or "", page=item.page_num, box=words.first_box()))
+        for group, rows in (kv.combo_key or {}).items():
             for row_index, row in enumerate(rows):
-                for name, words in row.items():
-                    fields.append(
-                        ExtractedField(
-                            name=name, value=words.words, page=item.page_num, box=words.first_box(), group=group, row=row_index
+                for name, leaf in row.items():
+                    for words in leaf if isinstance(leaf, list) else [leaf]:
+                        fields.append(
+                            ExtractedField(
+                                name=name,
+                                value=words.words or "",
+                                page=item.page_num,
+                                box=words.first_box(),
+                                group=group,
+                                row=row_index,
+                            )
                         )
-                    )
     return NormalizedResult(
         job_id=job.job_id,
         provider=job.provider,

@@ -7,6 +7,7 @@ Celery tasks never change for it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,11 +21,17 @@ from pipeline.runtime import Runtime
 
 @dataclass
 class PollOutcome:
-    """``done``: the provider finished (``error`` set when it finished by failing)."""
+    """``done``: the provider finished (``error`` set when it finished by failing).
+
+    ``status`` is the provider's own word for where the task stands, kept as it was sent
+    (a value the seed does not list included), so that a document that never finishes
+    ends with a reason naming it.
+    """
 
     done: bool
     error: DocpipeError | None = None
     detail: str = ""
+    status: str | int | None = None
 
 
 @dataclass
@@ -135,8 +142,13 @@ class Provider(ABC):
         """Raise ``BadInput`` when the document breaks one of the provider's documented limits."""
 
     @abstractmethod
-    def submit(self, job: Job) -> str:
-        """Send the document; return the provider's task id."""
+    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
+        """Send the document; return the provider's task id.
+
+        ``accepted(task_id)`` is called as soon as the raw answer names a task, before the
+        answer is verified or validated: from that moment the provider has the task (and
+        bills it), so whatever fails afterwards must fail the document, never send it again.
+        """
 
     @abstractmethod
     def poll(self, job: Job) -> PollOutcome:
@@ -163,6 +175,17 @@ class CallbackRejected(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def json_object(response: httpx.Response, where: str) -> dict[str, Any]:
+    """An answer's JSON object; anything else (a proxy's HTML, a body cut short) is a transient failure."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise Transient(f"{where}: HTTP {response.status_code} answer is not a JSON object", code="malformed_answer")
+    return body
 
 
 def _retry_after(response: httpx.Response) -> float:

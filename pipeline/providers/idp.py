@@ -12,7 +12,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
+import re
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httpx
@@ -25,8 +28,10 @@ from pipeline.errors import AuthExpired, BadInput, Permanent, ProviderError, Tra
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, ExtractedField, Job, NormalizedResult, PageText
 from pipeline.providers import idp_wire as wire
-from pipeline.providers.base import Fetched, PollOutcome, Provider
+from pipeline.providers.base import Fetched, PollOutcome, Provider, json_object
 from pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 # The seed states no size limit; these are the platform's usual defaults (and the emulator's).
 MAX_FILE_BYTES = 50 * 1024 * 1024
@@ -94,13 +99,34 @@ def _answer(response: httpx.Response, endpoint: str) -> dict[str, Any]:
     """The JSON body of a successful answer; a refusal raised as its docpipe error."""
     if response.status_code >= 400:
         raise error_for(endpoint, response.status_code, _refusal_message(response))
+    return json_object(response, f"idp {endpoint}")
+
+
+_IDS_IN_TEXT = re.compile(r'"ids"\s*:\s*\[\s*(\d+)')
+_ID_IN_TEXT = re.compile(r'"id"\s*:\s*(\d+)')
+
+
+def accepted_extract_id(text: str) -> str | None:
+    """The extract id a task creation names, read from the raw answer before it is validated.
+
+    Documented in ``items[*].id``, deprecated in ``ids``; an answer that does not even parse
+    is searched for either, because a named extract is a document the platform has taken.
+    """
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        body = None
+        found = _IDS_IN_TEXT.search(text) or _ID_IN_TEXT.search(text)
+        return found.group(1) if found else None
     if not isinstance(body, dict):
-        raise Transient(f"idp {endpoint}: HTTP {response.status_code} answer is not a JSON object", code="malformed_answer")
-    return body
+        return None
+    items = body.get("items")
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("id"), int) and not isinstance(item["id"], bool):
+            return str(item["id"])
+    ids = body.get("ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], int) and not isinstance(ids[0], bool):
+        return str(ids[0])
+    return None
 
 
 def token_lifetime(token: str, now: float | None = None) -> float:
@@ -135,6 +161,9 @@ class IdpProvider(Provider):
         self._credential = SharedCredential(
             runtime.redis, f"idp:{self.account()}", self._login, cooldown=self.settings.idp_login_cooldown
         )
+        # The seed's table says /api/extracting/..., its examples /extracting/...: start with the
+        # setting, and keep whichever prefix the platform turns out to serve.
+        self._prefix = self.settings.idp_api_prefix.rstrip("/")
 
     def account(self) -> str:
         """A fingerprint of the username: limits and the shared token are per account, names stay out of Redis keys."""
@@ -144,10 +173,34 @@ class IdpProvider(Provider):
     # -- login ------------------------------------------------------------------------------
 
     def _login(self) -> tuple[str, float]:
-        """Log in once for the fleet (called by ``SharedCredential`` under its lock)."""
+        """Log in once for the fleet (called by ``SharedCredential`` under its lock).
+
+        The seed's python example sends base64 of the username and password, its curl example
+        sends them as they are. ``auto`` tries base64 first and, refused as a wrong password,
+        the plain form once; the form that works is kept for this process.
+        """
+        answer = None
+        for encoding in self._login_encodings():
+            try:
+                answer = self._login_as(encoding)
+            except Permanent as refused:
+                if refused.code == "auth_failed" and encoding != self._login_encodings()[-1]:
+                    continue
+                raise
+            self._login_encoding = encoding
+            break
+        assert answer is not None
+        return answer.access_token or "", token_lifetime(answer.access_token or "")
+
+    def _login_encodings(self) -> tuple[str, ...]:
+        chosen = getattr(self, "_login_encoding", None) or self.settings.idp_login_encoding
+        return ("base64", "plain") if chosen == "auto" else (chosen,)
+
+    def _login_as(self, encoding: str) -> wire.LoginResponse:
+        encode = _b64 if encoding == "base64" else str
         login = wire.LoginRequest(
-            username=_b64(self.settings.idp_username.get_secret_value()),
-            password=_b64(self.settings.idp_password.get_secret_value()),
+            username=encode(self.settings.idp_username.get_secret_value()),
+            password=encode(self.settings.idp_password.get_secret_value()),
         )
         request = self.rt.http.build_request("POST", self._base + wire.LOGIN_PATH, json=login.model_dump(exclude_none=True))
         # Wait for the login token in the thread: a RateWait here would count as a failed login
@@ -159,25 +212,42 @@ class IdpProvider(Provider):
             raise Transient("idp login: answer of an unexpected shape", code="malformed_answer") from None
         if not answer.access_token:
             raise Transient("idp login: answer without an access_token", code="malformed_answer")
-        return answer.access_token, token_lifetime(answer.access_token)
+        return answer
 
     # -- one authenticated call -------------------------------------------------------------
 
-    def _call(
+    def _exchange(
         self, endpoint: str, method: str, path: str, *, max_wait: float | None = None, alone: bool = False, **kwargs: Any
-    ) -> dict[str, Any]:
-        """Send with the shared token; on 401 log in again once (single flight) and resend."""
+    ) -> httpx.Response:
+        """Send an API request with the shared token.
 
-        def attempt(token: str) -> httpx.Response:
+        On 401 log in again once (single flight) and resend. On 404, send once more under the
+        other reading of the seed's path prefix; if that one is served, keep it for every later
+        request of this process (a 404 there too is a real "not found").
+        """
+
+        def attempt(token: str, prefix: str) -> httpx.Response:
             headers = {"Authorization": f"Bearer {token}"}
-            request = self.rt.http.build_request(method, self._base + path, headers=headers, **kwargs)
+            request = self.rt.http.build_request(method, self._base + prefix + path, headers=headers, **kwargs)
             return self.send(endpoint, request, max_wait=max_wait, alone=alone)
 
         token = self._credential.get()
-        response = attempt(token)
+        prefix = self._prefix
+        response = attempt(token, prefix)
         if response.status_code == 401:
-            response = attempt(self._credential.invalidate(token))
-        return _answer(response, endpoint)
+            token = self._credential.invalidate(token)
+            response = attempt(token, prefix)
+        if response.status_code == 404:
+            other = "" if prefix else wire.API_PREFIX
+            retried = attempt(token, other)
+            if retried.status_code != 404:
+                log.info("idp serves %s%s, not %s%s: using that prefix from now on", other or "(no prefix)", path, prefix, path)
+                self._prefix = other
+                response = retried
+        return response
+
+    def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return _answer(self._exchange(endpoint, method, path, **kwargs), endpoint)
 
     # -- the verbs --------------------------------------------------------------------------
 
@@ -194,7 +264,7 @@ class IdpProvider(Provider):
         if document.pages is not None and document.pages > MAX_PAGES:
             raise BadInput(f"{job.label()}: {document.pages} pages; idp accepts at most {MAX_PAGES}", code="too_large")
 
-    def submit(self, job: Job) -> str:
+    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
         doc = job.document
         assert doc is not None
         content = storage.read_object(doc.bucket, doc.key)
@@ -207,11 +277,12 @@ class IdpProvider(Provider):
         language = job.options.get("language", self.settings.idp_language)
         if language:
             params["language"] = language
-        body = self._call(
-            "task", "POST", wire.API_PREFIX + wire.TASK_PATH, params=params,
-            files=[("files", (doc.filename, content, MIME_TYPES[doc.format]))],
+        response = self._exchange(
+            "task", "POST", wire.TASK_PATH, params=params, files=[("files", (doc.filename, content, MIME_TYPES[doc.format]))]
         )
-        ids = wire.CreateTaskResponse.model_validate(body).extract_ids
+        if response.status_code < 400 and (extract_id := accepted_extract_id(response.text)) is not None:
+            accepted(extract_id)
+        ids = wire.CreateTaskResponse.model_validate(_answer(response, "task")).extract_ids
         if not ids:
             # The platform may have accepted the file: sending it again could extract it twice.
             raise Permanent("idp task: answer without an extract id; not sending the document again", code="malformed_answer")
@@ -220,7 +291,7 @@ class IdpProvider(Provider):
     def _get_result(
         self, job: Job, *, max_wait: float | None = None, alone: bool = False
     ) -> tuple[wire.ExtractItem, dict[str, Any]]:
-        path = wire.API_PREFIX + wire.RESULT_PATH.format(extract_id=job.provider_task_id)
+        path = wire.RESULT_PATH.format(extract_id=job.provider_task_id)
         body = self._call("result", "GET", path, max_wait=max_wait, alone=alone)
         item = wire.GetResultResponse.model_validate(body).item
         if item is None:
@@ -228,14 +299,19 @@ class IdpProvider(Provider):
         return item, body
 
     def poll(self, job: Job) -> PollOutcome:
+        """Done at a documented success or failure. Everything else, the seed's own "text converted"
+        (3) included, is a step on the way: ask again until the deadline, whose error names the status."""
         item, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
-        name = item.status_name or wire.STATUS_NAMES.get(item.status if item.status is not None else -1, "unknown")
+        known = item.status in wire.STATUS_NAMES
+        name = item.status_name or wire.STATUS_NAMES.get(item.status if item.status is not None else -1, "not a status the seed lists")
+        status = f"{item.status} ({name})"
         if not item.final:
-            return PollOutcome(done=False, detail=f"{item.status} {name}")
+            return PollOutcome(done=False, status=status, detail=status if known else f"{status}; waiting until the deadline")
         if item.succeeded:
-            return PollOutcome(done=True, detail=f"{item.status} {name}")
+            return PollOutcome(done=True, status=status)
         return PollOutcome(
             done=True,
+            status=status,
             error=Permanent(
                 f"idp extraction failed: status {item.status} ({name})",
                 code="provider_failed",
@@ -252,7 +328,7 @@ class IdpProvider(Provider):
 
     def _highlight(self, job: Job) -> bytes:
         """Export the highlighted PDF, then download it from the address the export names."""
-        path = wire.API_PREFIX + wire.HIGHLIGHT_PATH.format(extract_id=job.provider_task_id)
+        path = wire.HIGHLIGHT_PATH.format(extract_id=job.provider_task_id)
         item = wire.HighlightResponse.model_validate(self._call("highlight", "GET", path)).item
         if item is None or not item.url:
             raise Transient("idp highlight: answer without a download address", code="malformed_answer")

@@ -1,10 +1,9 @@
-"""The idp document-extraction platform's HTTP API (seed 000), described once for both the
-client and the emulator: paths, status codes, the documented messages and the pydantic
-wire models.
+"""The idp document-extraction platform's HTTP API (seed 000) as the client reads it: paths,
+status codes, the documented messages and the pydantic wire models (the emulator has its own).
 
 Every model allows extra fields (the platform sends many undocumented or deprecated ones)
-and accepts both spellings where the seed contradicts itself: ``doc_type``/``docType``, the
-``/api`` prefix or none (the seed's own examples call ``/extracting/...``).
+and accepts both spellings where the seed contradicts itself (``doc_type``/``docType``);
+the ``/api`` prefix of the URL table, which the examples leave out, is handled by the client.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 # --- paths ---------------------------------------------------------------------------------
 
 LOGIN_PATH = "/auth/login"
-API_PREFIX = "/api"
-# The seed documents ``/api/extracting/...`` but its examples call ``/extracting/...``: both are served.
-API_PREFIXES = (API_PREFIX, "")
+API_PREFIX = "/api"  # the URL table's; the examples call /extracting/... without it
 TASK_PATH = "/extracting/v2/task"
 RESULT_PATH = "/extracting/v2/{extract_id}"
 HIGHLIGHT_PATH = "/extracting/v2/{extract_id}/export/highlight"
@@ -39,20 +36,18 @@ SYNC_ONE_FILE = "同步任务只允许上传一份文件"
 ILLEGAL_FILE = "上传文件包含不合法文件,上传失败!"
 OVER_LIMIT = "文件大小或页数超过上限"
 
-# Not in the seed: the emulator's choices for what the seed leaves undocumented.
+# Not in the seed: what platforms of this kind answer where the seed is silent. The client
+# recognises them when it meets them, and falls back on the HTTP status when it does not.
 UNAUTHORIZED = "未登录或登录已失效"
 RESULT_OK = "获取抽取结果成功"
-RESULT_FAILED = "获取抽取结果失败"
 EXTRACT_NOT_FOUND = "抽取记录不存在"
 HIGHLIGHT_OK = "导出成功"
-HIGHLIGHT_FAILED = "导出高亮文件失败"
 HIGHLIGHT_NOT_READY = "文档未抽取成功，无法导出"
 
 # --- codes ---------------------------------------------------------------------------------
 
 DOC_TYPE_ELECTRONIC = 1  # 电子文档
 DOC_TYPE_IMAGE = 2  # 图像文档
-DOC_TYPES = (DOC_TYPE_ELECTRONIC, DOC_TYPE_IMAGE)
 
 
 class ExtractStatus(IntEnum):
@@ -83,9 +78,6 @@ STATUS_NAMES: dict[int, str] = {
 SUCCEEDED = frozenset({ExtractStatus.PRELABEL_SUCCEEDED, ExtractStatus.REVIEWED})
 FAILED = frozenset({ExtractStatus.TEXT_CONVERT_FAILED, ExtractStatus.PRELABEL_FAILED, ExtractStatus.FILE_CHECK_FAILED})
 FINAL = SUCCEEDED | FAILED
-
-RESULT_OK_STATUS = "OK"  # item.result.status
-RESULT_ERROR_STATUS = "ERROR"
 
 
 class _Wire(BaseModel):
@@ -229,32 +221,6 @@ class CreateTaskResponse(_Wire):
         """The extract ids, from ``items`` (documented) or else the deprecated ``ids``."""
         from_items = [item.id for item in self.items if item.id is not None]
         return from_items or list(self.ids or [])
-
-
-class TaskQuery(_Wire):
-    """The query string of a task creation (``file_types`` repeats: ``file_types=1&file_types=2``)."""
-
-    async_task: bool  # required: "async_task不允许为空"
-    feature_type_id: int  # 卡片 ID, marked required by the seed
-    file_types: list[int] = Field(default_factory=list)
-    language: str | None = None
-    task_name: str | None = None
-
-    @field_validator("file_types")
-    @classmethod
-    def _known_types(cls, value: list[int]) -> list[int]:
-        unknown = [t for t in value if t not in DOC_TYPES]
-        if unknown:
-            raise ValueError(f"file_types must be among {DOC_TYPES}, not {unknown}")
-        return value
-
-
-def parse_callback_args(text: str) -> dict[str, Any]:
-    """The ``callback_args`` form field "must be the JSON serialization of an object"."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("callback_args must be a JSON object")
-    return value
 
 
 # --- extraction state ----------------------------------------------------------------------

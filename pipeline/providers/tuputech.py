@@ -1,9 +1,11 @@
 """Tuputech document moderation (seed 001): a signed submit of a document URL, the result by
 signed callback, at most 30 tasks in flight per account.
 
-The document URL is a presigned GET of the staged object, made at submit time so that it
-never travels in a task argument; the callback URL names the job, so the receiver needs no
-lookup. Nothing is polled at the provider: the await stage looks into the callback store.
+The document URL is a signed, short-lived link on the docpipe receiver (``pipeline.links``):
+it answers HEAD and ranged GETs as the seed asks, which an S3 presigned URL does not. The
+callback URL names the job, and ``customInfo`` carries the job id, which the provider
+echoes inside the signed payload. Nothing is polled at the provider: the await stage looks
+into the callback store.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
-from pipeline import callbacks, storage
-from pipeline.errors import BadInput, Permanent, Transient
+from pipeline import callbacks, links
+from pipeline.errors import BadInput, Permanent, ProviderError, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, Moderation, NormalizedResult, PageText
 from pipeline.providers.base import CallbackRejected, Fetched, PollOutcome, Provider
@@ -38,29 +41,42 @@ from pipeline.runtime import Runtime
 SUPPORTED_FORMATS = {"pdf", "docx", "xlsx", "pptx", "doc", "ppt", "html", "txt"}
 SUGGESTIONS = {0: "pass", 1: "reject", 2: "review"}
 SUBMIT_TIMEOUT_S = 5.0
-_PRESIGNED = re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\"\s]+")
+JOB_ID_KEY = "docpipeJob"  # our key in customInfo, echoed in the signed callback
+# The seed, 2.4 (lines 38-41): "在 HTTP 响应状态码非 200 或业务状态码不为 0 时进行重试" - retry
+# whenever the HTTP status is not 200 or the business code is not 0. The one code the seed
+# itself documents as a property of the document is 14, "文件错误" (line 56: a document over
+# 500 MB is answered with 14): the same file fails the same way, so 14 is not retried.
+PERMANENT_CODES = frozenset({14})
+_REQUEST_ID_IN_TEXT = re.compile(r'\\?"requestId\\?"\s*:\s*\\?"([A-Za-z0-9_-]{1,128})\\?"')
 
 
-def error_for(code: int, message: str, where: str) -> Exception:
-    kind, meaning = BUSINESS_CODES.get(code, ("permanent", "unknown code"))
+def error_for(code: int, message: str, where: str) -> ProviderError:
+    """The docpipe error for a business code, the provider's own value and words kept."""
+    meaning = BUSINESS_CODES.get(code, ("", "a code the seed does not list"))[1]
     text = f"tuputech {where}: code {code} ({message or meaning})"
     common = {"provider_code": code, "provider_message": message or meaning}
-    if kind == "transient":
-        return Transient(text, code="provider_transient", **common)
-    if code in (1, 6):
-        return Permanent(text, code="auth_failed", **common)
-    return Permanent(text, code="provider_rejected", **common)
+    if code in PERMANENT_CODES:
+        return Permanent(text, code="provider_rejected", **common)
+    return Transient(text, code="auth_failed" if code in (1, 6) else "provider_transient", **common)
 
 
-def redact_presigned(value: Any) -> Any:
-    """The provider echoes the document URL: strip its signature before anything is archived."""
-    if isinstance(value, str):
-        return _PRESIGNED.sub(r"\1REDACTED", value)
-    if isinstance(value, dict):
-        return {k: redact_presigned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_presigned(v) for v in value]
-    return value
+def accepted_request_id(text: str) -> str | None:
+    """The task id a submit answer names, read before its signature is checked or its shape validated.
+
+    An answer that reads as a refusal (code != 0) accepted nothing; one that does not even
+    parse is searched for a requestId, since a named task is one the provider has taken.
+    """
+    try:
+        envelope = json.loads(text)
+        payload = json.loads(envelope["json"]) if isinstance(envelope, dict) else None
+    except (ValueError, KeyError, TypeError):
+        found = _REQUEST_ID_IN_TEXT.search(text)
+        return found.group(1) if found else None
+    if not isinstance(payload, dict) or payload.get("code") != 0:
+        return None
+    result = payload.get("result")
+    request_id = result.get("requestId") if isinstance(result, dict) else None
+    return request_id if isinstance(request_id, str) and request_id else None
 
 
 class TuputechProvider(Provider):
@@ -95,7 +111,11 @@ class TuputechProvider(Provider):
         try:
             return open_sealed(self.settings.tuputech_public_key, envelope)
         except SignatureError as exc:
-            raise Permanent(f"tuputech {where}: answer not signed by tuputech ({exc})", code="unverified_answer") from None
+            # Retried like any answer that is not a success (seed 2.4); a wrong public key fails in the end.
+            raise Transient(
+                f"tuputech {where}: answer not signed by tuputech ({exc}); check DOCPIPE_TUPUTECH_PUBLIC_KEY",
+                code="unverified_answer",
+            ) from None
 
     def open_callback(self, body: bytes) -> dict[str, Any]:
         try:
@@ -132,29 +152,37 @@ class TuputechProvider(Provider):
                 code="too_large",
             )
 
-    def submit(self, job: Job) -> str:
+    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
         doc = job.document
         assert doc is not None
-        deadline = int(job.options.get("deadline", self.settings.job_deadline))
-        url = storage.presign_get(doc.bucket, doc.key, expires=max(3600, deadline))
+        deadline = float(job.options.get("deadline", self.settings.job_deadline))
         body = signed_submit_body(
             self.settings.tuputech_secret_id.get_secret_value(),
             self.settings.tuputech_private_key.get_secret_value(),
             Doc(
-                url=url,
+                url=links.document_link(job, lifetime=deadline),
                 format=doc.format,
                 callback=f"{self.settings.callback_base_url.rstrip('/')}/callbacks/{self.name}/{job.job_id}",
                 callback_rule=job.options.get("callback_rule", self.settings.tuputech_callback_rule),
             ),
-            custom_info=job.options.get("custom_info"),
+            custom_info={**(job.options.get("custom_info") or {}), JOB_ID_KEY: job.job_id},
         )
         path = SUBMIT_PATH.format(secret_id=self.settings.tuputech_secret_id.get_secret_value())
         # The seed advises a 1 s timeout; 5 s leaves room, and stays well inside the lease's grace.
         request = self.rt.http.build_request("POST", self._base + path, json=body, timeout=SUBMIT_TIMEOUT_S)
         response = self.send("submit", request, slot_for=job)
-        answer = SubmitResponse.model_validate(self._open(response.json(), "submit"))
+        if response.status_code != 200:  # seed 2.4: a non-200 is retried
+            raise Transient(f"tuputech submit: HTTP {response.status_code}", code="http_status", provider_code=response.status_code)
+        request_id = accepted_request_id(response.text)
+        if request_id is not None:
+            accepted(request_id)
+        try:
+            envelope = response.json()
+        except ValueError:
+            raise Transient("tuputech submit: answer is not JSON", code="malformed_answer") from None
+        answer = SubmitResponse.model_validate(self._open(envelope, "submit"))
         if answer.code != 0 or answer.result is None:
-            raise error_for(answer.code, answer.message, "submit")
+            raise error_for(answer.code, answer.message or "", "submit")
         return answer.result.request_id
 
     def _callback(self, job: Job) -> dict[str, Any] | None:
@@ -170,12 +198,13 @@ class TuputechProvider(Provider):
         payload = self._callback(job)
         if payload is None:
             return PollOutcome(done=False, detail="waiting for the callback")
-        if payload["code"] != 0:
-            error = error_for(payload["code"], str(payload.get("message", "")), "result")
-            failed = Permanent(str(error), code="provider_failed", provider_code=payload["code"], provider_message=payload.get("message"))
+        code = payload["code"]
+        if code != 0:
+            error = error_for(code, str(payload.get("message") or ""), "result")
+            failed = Permanent(str(error), code="provider_failed", provider_code=code, provider_message=error.provider_message)
             failed.retryable = isinstance(error, Transient)
-            return PollOutcome(done=True, error=failed)
-        return PollOutcome(done=True)
+            return PollOutcome(done=True, status=code, error=failed)
+        return PollOutcome(done=True, status=code)
 
     def fetch(self, job: Job) -> Fetched:
         payload = self._callback(job)
@@ -185,30 +214,33 @@ class TuputechProvider(Provider):
             parsed = CallbackResult.model_validate(payload)
         except ValidationError as exc:
             raise Permanent(f"tuputech result does not parse: {exc.errors()[0]['msg']}", code="malformed_result") from None
-        pages, artifacts = self._page_texts(parsed)
+        base = page_index_base(parsed, job.options.get("page_index_base", self.settings.tuputech_page_index_base))
+        pages, artifacts = self._page_texts(parsed, base)
         assert job.document is not None
         result = NormalizedResult(
             job_id=job.job_id,
             provider=self.name,
             source=job.source,
-            document=job.document.model_copy(update={"pages": parsed.doc_info.pages}),
+            document=job.document.model_copy(update={"pages": parsed.doc_info.pages if parsed.doc_info else None}),
             provider_task_id=parsed.request_id,
             pages=pages,
-            moderation=moderation(parsed),
+            moderation=moderation(parsed, base),
         )
-        return Fetched(result=result, raw=redact_presigned(payload), artifacts=artifacts)
+        return Fetched(result=result, raw=payload, artifacts=artifacts)
 
-    def _page_texts(self, parsed: CallbackResult) -> tuple[list[PageText], dict[str, bytes]]:
+    def _page_texts(self, parsed: CallbackResult, base: int) -> tuple[list[PageText], dict[str, bytes]]:
+        """Each reported page's text, downloaded from the link the result gives; numbered from 1."""
         pages: list[PageText] = []
         artifacts: dict[str, bytes] = {}
         for page in parsed.pages or []:
             if page.text is None or not page.text.url:
                 continue
+            number = page.page - base + 1
             response = self.send("text", self.rt.http.build_request("GET", page.text.url))
             if response.status_code != 200:
-                raise Transient(f"tuputech page {page.page} text: HTTP {response.status_code}", code="artifact_missing")
-            pages.append(PageText(number=page.page, text=response.text))
-            artifacts[f"pages/{page.page}.txt"] = response.content
+                raise Transient(f"tuputech page {number} text: HTTP {response.status_code}", code="artifact_missing")
+            pages.append(PageText(number=number, text=response.text))
+            artifacts[f"pages/{number}.txt"] = response.content
         return pages, artifacts
 
     def finished(self, job: Job) -> None:
@@ -216,8 +248,24 @@ class TuputechProvider(Provider):
         callbacks.forget(self.name, job.job_id)
 
 
-def moderation(parsed: CallbackResult) -> Moderation:
-    """The verdict: the document's suggestion, and the risk types, pages and images behind it."""
+def page_index_base(parsed: CallbackResult, configured: int | None) -> int:
+    """Where the callback's page indexes start: the seed's table says 1, its example shows 0.
+
+    Unless configured, the callback tells when it can: a page 0 means 0-based, a page equal
+    to the document's page count means 1-based. When neither shows, follow the example.
+    """
+    if configured in (0, 1):
+        return int(configured)
+    indexes = {page.page for page in parsed.pages or []}
+    if 0 in indexes:
+        return 0
+    if parsed.doc_info is not None and parsed.doc_info.pages in indexes:
+        return 1
+    return 0
+
+
+def moderation(parsed: CallbackResult, base: int = 0) -> Moderation:
+    """The verdict: the document's suggestion, and the risk types, pages (from 1) and images behind it."""
     flagged = [p for p in parsed.pages or [] if p.summary.suggestion != 0]
     risk_types = {str(p.summary.risk_type) for p in flagged}
     if parsed.risk_type is not None and (parsed.suggestion or 0) != 0:
@@ -225,8 +273,8 @@ def moderation(parsed: CallbackResult) -> Moderation:
     images = [img.name for p in flagged for img in p.images or [] if img.suggestion != 0]
     suggestion = parsed.suggestion if parsed.suggestion is not None else max((p.summary.suggestion for p in flagged), default=0)
     return Moderation(
-        suggestion=SUGGESTIONS.get(suggestion, "review"),  # type: ignore[arg-type]
+        suggestion=SUGGESTIONS.get(suggestion, "review"),  # type: ignore[arg-type]  # an unknown verdict goes to a human
         risk_types=sorted(risk_types),
-        pages=sorted(p.page for p in flagged),
+        pages=sorted(p.page - base + 1 for p in flagged),
         images=images,
     )

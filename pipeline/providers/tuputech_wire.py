@@ -1,4 +1,4 @@
-"""Tuputech document moderation, async v3.1 (seed 001): the wire, once for client and emulator.
+"""Tuputech document moderation, async v3.1 (seed 001): the wire as the client reads it.
 
 A submit is a JSON body carrying the document URL, signed by the client with its own RSA
 key over ``secretId,timestamp,nonce``; the synchronous answer and the result callback are
@@ -23,33 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-BASE_URL = "https://api.open.tuputech.com"
-BASE_URL_OVERSEA = "https://api-oversea.open.tuputech.com"
-SUBMIT_PATH = "/v3.1/recognition/doc/async/{secret_id}"
-
-SUBMIT_TIMEOUT = 1.0  # "建议配置超时时间 1 秒"
+SUBMIT_PATH = "/v3.1/recognition/doc/async/{secret_id}"  # 2.1, after https://api.open.tuputech.com
 MAX_DOC_BYTES = 500 * 1024 * 1024  # "文档文件须小于 500MB", else callback code 14
-MAX_IN_FLIGHT = 30  # "任务并发数为 30" during trial; beyond it the file interface queues
-CALLBACK_TIMEOUT = 5.0  # "回调超时时间 5 秒"
-CALLBACK_RETRIES = 3  # "在 HTTP 响应状态码非 200 时进行重试,最多重试 3 次"
 
-DEFAULT_MAX_IMAGES, MAX_IMAGES_RANGE = 1000, (100, 10_000)
-DEFAULT_MAX_TEXT_LENGTH, MAX_TEXT_LENGTH_RANGE = 10_000, (1000, 1_000_000)
-
-DOC_FORMATS = ("doc", "docx", "xlsx", "ppt", "pptx", "pdf", "html", "txt")
-TEXT_FORMATS = ("txt", "csv", "markdown", "md")  # "均会按照纯文本处理"
-
-CALLBACK_RULE_VIOLATION = "violation"  # the default: only pages that are rejected or need review
-CALLBACK_RULE_ALL = "all"  # not in the seed; every page is reported
-
-SUGGESTION_PASS, SUGGESTION_REJECT, SUGGESTION_REVIEW = 0, 1, 2
-
-# The task ids of the seed's callback example: an image task (porn) and a text task.
-IMAGE_TASK_ID = "54bcfc6c329af61034f7c2fc"
-TEXT_TASK_ID = "57c4036c557603652aeeb222"
-
-# code -> (kind, message). Kinds tell a client what to do: "ok", "permanent" (fix the
-# request or the account), "transient" (try again, with a fresh timestamp for 12).
+# code -> (kind, meaning), from the public sources DESIGN.md lists (the seed names only 0 and
+# 14). Whether a code is retried is decided by the seed's own rule, in tuputech.error_for.
 BUSINESS_CODES: dict[int, tuple[str, str]] = {
     0: ("ok", "success"),
     1: ("permanent", "auth failed"),
@@ -103,7 +81,7 @@ class SubmitResult(_Wire):
 
 class SubmitResponse(_Wire):
     code: int
-    message: str
+    message: str | None = None  # the table says always present; the client does not depend on it
     result: SubmitResult | None = None
     nonce: int | float | str | None = None
     timestamp: int | float | None = None
@@ -137,42 +115,24 @@ class PageResult(_Wire):
 
 
 class DocInfo(_Wire):
-    pages: int
-    images: int
-    text_length: int
+    pages: int | None = None
+    images: int | None = None
+    text_length: int | None = None
 
 
 class CallbackResult(_Wire):
     code: int
-    message: str
+    # The table (4.5) marks message and docInfo as always present; the seed's own callback
+    # example (4.7) has no message. Neither is needed to read the verdict.
+    message: str | None = None
     request_id: str
-    doc_info: DocInfo
+    doc_info: DocInfo | None = None
     suggestion: int | None = None
     risk_type: int | None = None
     custom_info: dict[str, Any] | None = None
     pages: list[PageResult] | None = None
     nonce: int | float | str | None = None
     timestamp: int | float | None = None
-
-
-def effective_limits(custom_info: dict[str, Any] | None) -> tuple[int, int]:
-    """``(maxImages, maxTextLength)``: a value outside its documented range is not "有效", so the default applies."""
-    info = custom_info or {}
-    return (
-        _in_range(info.get("maxImages"), MAX_IMAGES_RANGE, DEFAULT_MAX_IMAGES),
-        _in_range(info.get("maxTextLength"), MAX_TEXT_LENGTH_RANGE, DEFAULT_MAX_TEXT_LENGTH),
-    )
-
-
-def _in_range(value: Any, bounds: tuple[int, int], default: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]:
-        return value
-    return default
-
-
-def allowed_port(port: int) -> bool:
-    """The seed's rule for document links: port 80, 443, or 1025-65535."""
-    return port in (80, 443) or 1025 <= port <= 65535
 
 
 # --- RSA signatures ------------------------------------------------------------------------
@@ -188,12 +148,6 @@ def generate_key_pair(bits: int = 2048) -> tuple[str, str]:
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return private.decode(), public.decode()
-
-
-def public_key_of(private_key_pem: str) -> str:
-    """The public PEM that verifies what ``private_key_pem`` signs."""
-    public = load_private_key(private_key_pem).public_key()
-    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 @lru_cache(maxsize=16)
@@ -256,17 +210,6 @@ def signed_submit_body(
         signature=sign(private_key_pem, signing_text(secret_id, timestamp, nonce)),
     )
     return request.wire()
-
-
-def dumps(payload: dict[str, Any]) -> str:
-    """The JSON text that gets signed: compact, UTF-8 kept as is (the signature covers this exact text)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-
-
-def seal(private_key_pem: str, payload: dict[str, Any]) -> dict[str, str]:
-    """``{"json", "signature"}`` for ``payload``, as Tuputech answers and calls back."""
-    text = dumps(payload)
-    return {"json": text, "signature": sign(private_key_pem, text)}
 
 
 def open_sealed(public_key_pem: str, envelope: Any) -> dict[str, Any]:

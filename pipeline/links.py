@@ -1,0 +1,152 @@
+"""Document links a provider downloads from: signed, short-lived paths on the docpipe receiver.
+
+Why not an S3 presigned URL: tuputech's seed requires the link to answer ``HEAD`` (it measures
+the size first) and recommends ranged downloads. A presigned URL signs its method, so on real
+S3 a presigned GET refuses HEAD (moto does not check, which is how it went unnoticed), and it
+would name the bucket and key to a third party. Here the link names only the job; the
+receiver checks the signature and the expiry, finds the staged object in the job's record,
+and streams it from S3 with its own credentials: HEAD and single ranges included, pinned to
+the ETag that ``stage`` measured, so the provider gets exactly the bytes docpipe checked.
+
+The signature is an HMAC over job id, expiry and ETag with a deployment key: the setting
+``DOCPIPE_LINK_SECRET``, or else one random key per deployment kept in Redis (made once,
+shared by every worker and receiver).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Iterator
+
+from botocore.exceptions import ClientError
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pipeline import jobs, storage
+from pipeline.models import Job
+from pipeline.runtime import BuiltOnce, get_runtime
+from pipeline.sniff import FORMAT_EXTENSIONS
+
+SECRET_KEY = "docpipe:link-secret"
+MEDIA_TYPES = {
+    "pdf": "application/pdf",
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "gif": "image/gif",
+    "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    "doc": "application/msword",
+    "html": "text/html; charset=utf-8",
+    "txt": "text/plain; charset=utf-8",
+}
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@BuiltOnce
+def _secret() -> bytes:
+    configured = get_runtime().settings.link_secret.get_secret_value()
+    if configured:
+        return configured.encode()
+    client = get_runtime().redis
+    client.set(SECRET_KEY, secrets.token_hex(32), nx=True)
+    return client.get(SECRET_KEY)
+
+
+def _signature(job_id: str, expires: int, etag: str) -> str:
+    digest = hmac.new(_secret(), f"{job_id}\n{expires}\n{etag}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def document_link(job: Job, lifetime: float) -> str:
+    """A link to the job's staged document, valid for ``lifetime`` seconds (the document's deadline)."""
+    document = job.document
+    assert document is not None
+    expires = int(time.time() + lifetime)
+    signature = _signature(job.job_id, expires, document.etag or "")
+    base = get_runtime().settings.callback_base_url.rstrip("/")
+    name = f"document.{FORMAT_EXTENSIONS.get(document.format, document.format)}"
+    return f"{base}/documents/{job.job_id}/{expires}/{signature}/{name}"
+
+
+def redact(text: str) -> str:
+    """A link with its signature replaced, for anything that is logged or kept."""
+    return re.sub(r"(/documents/[0-9a-f]{32}/\d+/)[A-Za-z0-9_-]+", r"\1REDACTED", text)
+
+
+# --- the receiver's side ---------------------------------------------------------------------
+
+
+def _refused(status: int, reason: str) -> Response:
+    return PlainTextResponse(reason, status_code=status)
+
+
+def _single_range(header: str | None) -> str | None:
+    """The ``Range`` header when it asks for one range of bytes (S3 serves exactly those forms);
+    None for the whole object: several ranges are answered whole, which HTTP allows."""
+    if header and _RANGE.fullmatch(header.strip()) and header.strip() != "bytes=-":
+        return header.strip()
+    return None
+
+
+def _stream(body) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(storage.CHUNK)
+    finally:
+        body.close()
+
+
+def serve_document(request: Request) -> Response:
+    """``GET``/``HEAD /documents/{job_id}/{expires}/{signature}/{name}``: the staged bytes, or a refusal.
+
+    Refused before any S3 or Redis request when the path is malformed, expired or unsigned.
+    """
+    job_id, expires_text, signature = (request.path_params[k] for k in ("job_id", "expires", "signature"))
+    if not _JOB_ID.fullmatch(job_id) or not expires_text.isdigit() or len(signature) > 64:
+        return _refused(404, "not found")
+    expires = int(expires_text)
+    if time.time() > expires:
+        return _refused(403, "link expired")
+    record = jobs.read(get_runtime().redis, job_id)
+    bucket, key, etag = record.get("doc_bucket"), record.get("doc_key"), record.get("doc_etag", "")
+    if not bucket or not key or not hmac.compare_digest(signature, _signature(job_id, expires, etag)):
+        return _refused(403, "bad signature")
+    pinned = {"IfMatch": f'"{etag}"'} if etag else {}
+    media_type = MEDIA_TYPES.get(record.get("doc_format", ""), "application/octet-stream")
+    client = storage.s3_client()
+    try:
+        if request.method == "HEAD":
+            meta = client.head_object(Bucket=bucket, Key=key, **pinned)
+            headers = {"Accept-Ranges": "bytes", "Content-Length": str(meta["ContentLength"]), "ETag": meta["ETag"]}
+            return Response(status_code=200, headers=headers, media_type=media_type)
+        wanted = _single_range(request.headers.get("range"))
+        answer = client.get_object(Bucket=bucket, Key=key, **pinned, **({"Range": wanted} if wanted else {}))
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "412"):
+            return _refused(410, "the document changed since it was staged")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return _refused(404, "not found")
+        if code == "InvalidRange":
+            return _refused(416, "range not satisfiable")
+        raise
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(answer["ContentLength"]), "ETag": answer["ETag"]}
+    if answer.get("ContentRange"):
+        headers["Content-Range"] = answer["ContentRange"]
+    status = 206 if answer.get("ContentRange") else 200
+    return StreamingResponse(_stream(answer["Body"]), status_code=status, headers=headers, media_type=media_type)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/documents/{job_id}/{expires}/{signature}/{name}", serve_document, methods=["GET", "HEAD"]),
+    ]
