@@ -3,6 +3,11 @@
 Faithful to seed 002 and Baidu's public conventions: errors are HTTP 200 with
 ``error_code``; the per-account limits (submit 2 QPS, get_result 10 QPS) answer error 18;
 tokens expire and then answer 110/111; files are checked as Baidu documents them.
+
+The emulator reads seed 002 on its own (nothing here comes from ``pipeline``): it is the
+referee of the client, and a reading both shared could never be caught. Where the seed's
+tables and examples disagree it answers as the example does, and ``Config`` offers the
+table's reading.
 """
 
 from __future__ import annotations
@@ -11,48 +16,87 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote_plus
 
 import httpx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulators.common import Emulator, EmulatorConfig
 from emulators.documents import analyse, box_for
-from pipeline.providers.baidu import (
-    ERROR_CODES,
-    MAX_ENCODED_BYTES,
-    MAX_SIDE,
-    MIN_SIDE,
-    RESULT_PATH,
-    SUBMIT_PATH,
-    TOKEN_PATH,
-)
-from pipeline.sniff import IMAGE_FORMATS, sniff_format
+from emulators.formats import IMAGE_KINDS, SUFFIXES, kind_of
 
-CST = timezone(timedelta(hours=8))
-FILE_FIELDS = ("image", "url", "pdf_file", "ofd_file")  # documented priority order
-TEMPLATE_DOC_TYPES = {"multiple_invoice": "财务票据", "id_card_front": "身份证正面", "id_card_back": "身份证反面"}
+# --- what seed 002 (and DESIGN.md's public notes) fix -----------------------------------------
+
+OAUTH_ROUTE = "/oauth/2.0/token"  # DESIGN.md: Baidu's public OAuth endpoint
+REQUEST_ROUTE = "/rest/2.0/solution/v1/iocr/recognise/universal/request"  # seed 002 line 14
+GET_RESULT_ROUTE = "/rest/2.0/solution/v1/iocr/recognise/universal/get_result"  # seed 002 line 93
+ENCODED_CAP = 10 * 1024 * 1024  # line 28: "base64编码和urlencode后大小不超过10M"
+SHORTEST_SIDE, LONGEST_SIDE = 15, 8192  # line 28: "最短边至少15px,最长边最大8192px"
+URL_CAP = 1024  # line 29: "URL长度不超过1024字节"
+# Lines 28-31: "优先级: image>url>pdf_file>ofd_file" -- the first one present wins.
+SOURCE_FIELDS = ("image", "url", "pdf_file", "ofd_file")
+# What each source field may carry: line 28 "支持jpg/jpeg/png/bmp格式", 30 PDF, 31 OFD.
+SOURCE_KINDS = {
+    "image": frozenset({"jpeg", "png", "bmp"}),
+    "url": frozenset({"jpeg", "png", "bmp"}),
+    "pdf_file": frozenset({"pdf"}),
+    "ofd_file": frozenset({"ofd"}),
+}
+# The preset models' 文件类型 (lines 435-480) for the few the emulator tells apart.
+PRESET_DOC_TYPES = {"multiple_invoice": "财务票据", "id_card_front": "身份证正面", "id_card_back": "身份证反面"}
+CHINA = timezone(timedelta(hours=8))  # lines 135-137: "UTC/GMT+08:00 东八区"
+
+# error_code -> error_msg: 283016's text is the seed's (line 84), the rest Baidu's public list.
+ERROR_MESSAGES = {
+    18: "Open api qps request limit reached",
+    110: "Access token invalid or no longer valid",
+    111: "Access token expired",
+    216200: "empty image",
+    216201: "image format error",
+    216202: "image size error",
+    282000: "internal error",
+    282003: "missing parameters",
+    283016: "parameters value error",
+}
 
 
 class Config(EmulatorConfig):
     api_key: str = "demo-api-key"
     secret_key: str = "demo-secret-key"
     token_expires_in: int = 2592000  # 30 days, as Baidu
-    submit_qps: float = 2.0
-    get_result_qps: float = 10.0
+    submit_qps: float = 2.0  # line 8: "该接口支持2QPS"
+    get_result_qps: float = 10.0  # line 9: "该接口支持10QPS"
     processing_min: float = 3.0  # seconds; each task draws uniformly from [min, max]
     processing_max: float = 10.0
     failure_rate: float = 0.0
-    submit_answer_key: str = "task_result"  # the seed shows both "task_result" and "result"
+    # Where the seed's table and its own example disagree, the example is the default (it is
+    # what the service sent when it was captured); the other value is the table's reading.
+    # Submit answer, lines 69-70 vs 77: the table nests task_id in "result", the example in "task_result".
+    submit_answer_key: Literal["task_result", "result"] = "task_result"
+    # Line 27 (table) names the field "file_name", the working example (line 51) sends "fileName".
+    file_name_field: Literal["fileName", "file_name", "either"] = "fileName"
+    # get_result, line 155 types combo_key.{root}[i].{leaf} as []dict; the example (295-300) has an object.
+    combo_leaf_shape: Literal["object", "list"] = "object"
+    # Lines 150 and 157 type "location" as []dict; the example (186-190, 297-300) has an object.
+    location_shape: Literal["object", "list"] = "object"
+    # Lines 135-137 type created/started/finished as int; the examples (171-173, 427-429) send text.
+    time_format: Literal["text", "int"] = "text"
+    # Line 134 lists Success, Running and Failed; a test may make the service answer another word.
+    running_status: str = "Running"
+    success_status: str = "Success"
+    failed_status: str = "Failed"
+    # Line 27: "注意: 文件名称后缀需与文件实际类型一致" -- a name whose suffix lies is refused.
+    check_name_suffix: bool = True
 
 
 @dataclass
@@ -68,8 +112,8 @@ class Task:
     words: asyncio.Future | None = None  # the recognition, computed once in a thread after submit
 
 
-def _stamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, CST).strftime("%Y-%m-%d %H:%M:%S")
+def _clock_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, CHINA).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _log_id() -> str:
@@ -77,10 +121,10 @@ def _log_id() -> str:
 
 
 def _error(code: int, explain: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error_code": code, "error_msg": ERROR_CODES[code][1], "log_id": _log_id()}
+    """Baidu answers errors with HTTP 200; the seed's failure example (82-88) adds explain and data."""
+    body: dict[str, Any] = {"error_code": code, "error_msg": ERROR_MESSAGES[code], "log_id": _log_id()}
     if explain:
-        body["error_explain"] = explain
-        body["data"] = None
+        body.update(error_explain=explain, data=None)
     return JSONResponse(body)
 
 
@@ -97,6 +141,17 @@ def _parse_form(body: bytes) -> tuple[dict[str, str], dict[str, int]]:
             fields[key] = unquote_plus(raw_value.decode("latin-1"))
             sizes[key] = len(raw_value)
     return fields, sizes
+
+
+def _file_name(fields: dict[str, str], spelling: str) -> str:
+    """The file name from the field(s) the configured reading of the seed accepts."""
+    names = ("fileName", "file_name") if spelling == "either" else (spelling,)
+    return next((fields[name] for name in names if fields.get(name)), "")
+
+
+def _suffix_matches(name: str, kind: str) -> bool:
+    suffix = name.rpartition(".")[2].lower() if "." in name else ""
+    return suffix in SUFFIXES.get(kind, ())
 
 
 class BaiduEmulator(Emulator):
@@ -174,65 +229,77 @@ class BaiduEmulator(Emulator):
 
     # -- submit -----------------------------------------------------------------------------
 
-    async def submit(self, request: Request) -> JSONResponse:
+    async def submit(self, request: Request) -> Response:
         account, refusal = await self._gate(request, "submit", self.config.submit_qps)
         if refusal is not None:
             return refusal
         fields, sizes = _parse_form(await request.body())
-        file_field = next((f for f in FILE_FIELDS if fields.get(f)), None)
-        if file_field is None:
+        source = next((name for name in SOURCE_FIELDS if fields.get(name)), None)
+        if source is None:
             return _error(282003, "image、url、pdf_file、ofd_file不能同时为空")
-        if not (fields.get("file_name") or fields.get("fileName")):
+        name = _file_name(fields, self.config.file_name_field)
+        if not name:
             return _error(282003, "file_name不能为空")
         template = fields.get("templateSign") or None
         if not template and not fields.get("classifierId"):
-            return _error(283016, "classifier_id和template_sign不能同时为空")
-        if file_field == "url":
-            data, error = await self._download(fields["url"])
-            if error is not None:
-                return error
+            return _error(283016, "classifier_id和template_sign不能同时为空")  # the seed's own example, line 85
+        if source == "url":
+            data, refusal = await self._download(fields["url"])
+            if refusal is not None:
+                return refusal
         else:
-            if sizes[file_field] > MAX_ENCODED_BYTES:
+            if sizes[source] > ENCODED_CAP:
                 return _error(216202, "文件base64编码和urlencode后大小超过10M")
             try:
-                data = base64.b64decode(fields[file_field], validate=True)
+                data = base64.b64decode(fields[source], validate=True)
             except (binascii.Error, ValueError):
                 return _error(216201, "文件base64编码错误")
         if not data:
             return _error(216200)
-        fmt = sniff_format(data[:8192])
-        expected = {"image": IMAGE_FORMATS, "url": IMAGE_FORMATS, "pdf_file": {"pdf"}, "ofd_file": {"ofd"}}[file_field]
-        if fmt not in expected or fmt in ("tiff", "gif"):
+        kind = kind_of(data)
+        if kind not in SOURCE_KINDS[source]:
             return _error(216201)
-        if fmt in IMAGE_FORMATS:
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    short, long = sorted(image.size)
-            except Exception:  # noqa: BLE001
-                return _error(216201)
-            if short < MIN_SIDE or long > MAX_SIDE:
-                return _error(216202, f"图片尺寸需在{MIN_SIDE}px到{MAX_SIDE}px之间")
+        if kind in IMAGE_KINDS:
+            refusal = _image_refusal(data)
+            if refusal is not None:
+                return refusal
+        if self.config.check_name_suffix and not _suffix_matches(name, kind):
+            return _error(283016, "文件名称后缀需与文件实际类型一致")
+        task = self._create(account or "", data, kind, template)
+        self.accept("submit")
+        if self.malformed_accept("submit"):
+            return self._cut_short(task.task_id)
+        return JSONResponse(
+            {"error_code": 0, "error_msg": "", "log_id": _log_id(), self.config.submit_answer_key: {"task_id": task.task_id}}
+        )
+
+    def _create(self, account: str, data: bytes, kind: str, template: str | None) -> Task:
         now = time.time()
+        alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
         task = Task(
-            task_id="task-" + "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(16)),
-            account=account or "",
+            task_id="task-" + "".join(self.rng.choice(alphabet) for _ in range(16)),  # as "task-2m8g3dhqmrv9cxfe"
+            account=account,
             created=now,
             ready_at=now + self.rng.uniform(self.config.processing_min, self.config.processing_max),
             fails=self.roll(self.config.failure_rate),
             data=data,
-            fmt=fmt,
+            fmt=kind,
             template=template,
         )
         # Recognise once, off the event loop, so that the loop stamps arrivals without stalls.
         task.words = asyncio.ensure_future(asyncio.to_thread(self._recognise, task))
         self.tasks[task.task_id] = task
-        self.accept("submit")
-        return JSONResponse(
-            {"error_code": 0, "error_msg": "", "log_id": _log_id(), self.config.submit_answer_key: {"task_id": task.task_id}}
-        )
+        return task
+
+    def _cut_short(self, task_id: str) -> Response:
+        """The success answer broken off right after the task id, as a dropped connection leaves it."""
+        head = {"error_code": 0, "error_msg": "", "log_id": _log_id()}
+        text = json.dumps(head, ensure_ascii=False)[:-1]
+        text += f', "{self.config.submit_answer_key}": {{"task_id": {json.dumps(task_id)}'
+        return Response(text.encode(), media_type="application/json")
 
     async def _download(self, url: str) -> tuple[bytes, JSONResponse | None]:
-        if len(url.encode()) > 1024:
+        if len(url.encode()) > URL_CAP:
             return b"", _error(283016, "url长度超过1024字节")
         try:
             response = await self.http().get(url, timeout=10)
@@ -240,11 +307,17 @@ class BaiduEmulator(Emulator):
             return b"", _error(216201, "url下载失败")
         if response.status_code != 200:
             return b"", _error(216201, "url下载失败")
-        if len(base64.b64encode(response.content)) > MAX_ENCODED_BYTES:
+        if len(base64.b64encode(response.content)) > ENCODED_CAP:
             return b"", _error(216202)
         return response.content, None
 
     # -- get_result -------------------------------------------------------------------------
+
+    def _moment(self, ts: float | None) -> str | int:
+        """A task_result time in the configured reading; None is "not yet" ("" or 0)."""
+        if self.config.time_format == "int":
+            return 0 if ts is None else int(ts)
+        return "" if ts is None else _clock_text(ts)
 
     async def get_result(self, request: Request) -> JSONResponse:
         account, refusal = await self._gate(request, "get_result", self.config.get_result_qps)
@@ -256,44 +329,44 @@ class BaiduEmulator(Emulator):
             return _error(283016, "task_id不存在")
         self.accept("get_result")
         now = time.time()
-        info: dict[str, Any] = {
-            "task_id": task.task_id,
-            "status": "Running",
-            "reason": "",
-            "created": _stamp(task.created),
-            "started": _stamp(task.created),
-            "finished": "",
-            "duration": int(min(now, task.ready_at) - task.created),
-        }
+        done = now >= task.ready_at
+        info: dict[str, Any] = {"task_id": task.task_id, "status": self.config.running_status}
+        if not done or task.fails:
+            info["reason"] = ""  # the running example (line 426) has it; the success example does not
+        info.update(
+            created=self._moment(task.created),
+            started=self._moment(task.created),
+            finished=self._moment(task.ready_at if done else None),
+            duration=int(min(now, task.ready_at) - task.created),
+        )
         body: dict[str, Any] = {"error_code": 0, "error_msg": "", "log_id": _log_id(), "task_result": info}
-        if now < task.ready_at:
+        if not done:
             body["words_result"] = None
-            return JSONResponse(body)
-        info["finished"] = _stamp(task.ready_at)
-        if task.fails:
-            info["status"] = "Failed"
+        elif task.fails:
+            info["status"] = self.config.failed_status
             info["reason"] = "识别失败:文件内容无法识别"
             body["words_result"] = None
-            return JSONResponse(body)
-        info["status"] = "Success"
-        words = await task.words
-        body["words_result_num"] = len(words)
-        body["words_result"] = words
+        else:
+            info["status"] = self.config.success_status
+            pages = [self._shaped(page) for page in await task.words]
+            body["words_result_num"] = len(pages)
+            body["words_result"] = pages
         return JSONResponse(body)
 
     def _recognise(self, task: Task) -> list[dict[str, Any]]:
-        doc_type = TEMPLATE_DOC_TYPES.get(task.template or "", "其他")
+        """The pages as the example nests them (objects); ``_shaped`` applies the configured reading."""
+        doc_type = PRESET_DOC_TYPES.get(task.template or "", "其他")
         results = []
         for page in analyse(task.data, task.fmt):
             single: dict[str, list[dict[str, Any]]] = {}
             for key, value, line in page.fields:
                 box, cbox = box_for(line, value)
                 single.setdefault(key, []).append({"words": value, "location": {"box": box, "cbox": cbox}})
-            combo: dict[str, list[dict[str, Any]]] = {}
+            combo = {}
             if page.table:
+                nowhere = {"box": None, "cbox": None}  # as every location of the seed's example
                 combo["items"] = [
-                    {name: {"words": value, "location": {"box": None, "cbox": None}} for name, value in row.items()}
-                    for row in page.table
+                    {leaf: {"words": value, "location": dict(nowhere)} for leaf, value in row.items()} for row in page.table
                 ]
             results.append(
                 {
@@ -305,13 +378,41 @@ class BaiduEmulator(Emulator):
             )
         return results
 
+    def _shaped(self, page: dict[str, Any]) -> dict[str, Any]:
+        """One words_result entry with locations and combo leaves as the configured reading has them."""
+        listed_location = self.config.location_shape == "list"
+        listed_leaf = self.config.combo_leaf_shape == "list"
+
+        def value(words: dict[str, Any]) -> dict[str, Any]:
+            location = words["location"]
+            return {"words": words["words"], "location": [location] if listed_location else location}
+
+        kv = page["kv_result"]
+        single = {key: [value(w) for w in values] for key, values in kv["single_key"].items()}
+        combo = {
+            root: [{leaf: [value(w)] if listed_leaf else value(w) for leaf, w in row.items()} for row in rows]
+            for root, rows in kv["combo_key"].items()
+        }
+        return {**page, "kv_result": {"single_key": single, "combo_key": combo}}
+
+
+def _image_refusal(data: bytes) -> JSONResponse | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            short, long = sorted(image.size)
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for a corrupt image
+        return _error(216201)
+    if short < SHORTEST_SIDE or long > LONGEST_SIDE:
+        return _error(216202, f"图片尺寸需在{SHORTEST_SIDE}px到{LONGEST_SIDE}px之间")
+    return None
+
 
 def create_app(config: Config) -> Starlette:
     emulator = BaiduEmulator(config)
     routes = [
-        Route(TOKEN_PATH, emulator.token, methods=["POST", "GET"]),
-        Route(SUBMIT_PATH, emulator.submit, methods=["POST"]),
-        Route(RESULT_PATH, emulator.get_result, methods=["POST"]),
+        Route(OAUTH_ROUTE, emulator.token, methods=["POST", "GET"]),
+        Route(REQUEST_ROUTE, emulator.submit, methods=["POST"]),
+        Route(GET_RESULT_ROUTE, emulator.get_result, methods=["POST"]),
         Route("/_emulator/expire_tokens", emulator.expire_tokens, methods=["POST"]),
         *emulator.control_routes(),
     ]

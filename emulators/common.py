@@ -30,6 +30,10 @@ class FaultConfig(BaseModel):
     http_5xx_rate: float = 0.0
     slow_rate: float = 0.0
     slow_seconds: float = 2.0
+    # A submit the emulator accepts (the task is real, counted and billed) is answered with a 200
+    # that carries the task id in a broken shape; each emulator says how (see its
+    # ``malformed_answer``). Tests that a client records the id, or fails without resubmitting.
+    malformed_accept_rate: float = 0.0
 
 
 class EmulatorConfig(BaseModel):
@@ -137,6 +141,16 @@ class Emulator:
 
     def roll(self, probability: float) -> bool:
         return probability > 0 and self.rng.random() < probability
+
+    def malformed_accept(self, endpoint: str) -> bool:
+        """Whether this accepted request gets a broken answer (``faults.malformed_accept_rate``).
+
+        Counted as an injected fault, and still as accepted by the caller: the task exists.
+        """
+        if not self.roll(self.config.faults.malformed_accept_rate):
+            return False
+        self.stats[endpoint].faults_injected += 1
+        return True
 
     async def maybe_slow(self, endpoint: str) -> None:
         faults = self.config.faults

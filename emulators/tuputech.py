@@ -11,11 +11,18 @@ texts and extracted images are served at the URLs the result reports.
 
 The verdict is derived from the content, never random: text containing
 ``reject_word`` is rejected, ``review_word`` sent to review, anything else passes.
+
+Nothing here comes from ``pipeline``: the emulator is the client's referee and reads seed
+001 on its own (models, constants, RSA), so that a misreading cannot be shared by both.
+Where the seed's tables and its examples disagree (pages from 0 or 1, the callback's
+``message``), it answers as the example does and ``Config`` offers the table's reading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import html
 import io
 import json
@@ -27,11 +34,15 @@ import zipfile
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import ValidationError
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pypdf import PdfReader
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,42 +51,39 @@ from starlette.routing import Route
 
 from emulators.common import Emulator, EmulatorConfig, EndpointStats
 from emulators.documents import page_texts
-from pipeline.providers.tuputech_wire import (
-    BUSINESS_CODES,
-    CALLBACK_RETRIES,
-    CALLBACK_RULE_ALL,
-    CALLBACK_TIMEOUT,
-    DOC_FORMATS,
-    IMAGE_TASK_ID,
-    MAX_DOC_BYTES,
-    MAX_IN_FLIGHT,
-    SUBMIT_PATH,
-    SUGGESTION_PASS,
-    SUGGESTION_REJECT,
-    SUGGESTION_REVIEW,
-    TEXT_TASK_ID,
-    CallbackResult,
-    Doc,
-    DocInfo,
-    PageImageResult,
-    PageResult,
-    PageSummary,
-    PageTextResult,
-    SubmitRequest,
-    SubmitResponse,
-    SubmitResult,
-    allowed_port,
-    dumps,
-    effective_limits,
-    generate_key_pair,
-    public_key_of,
-    seal,
-    signing_text,
-    verify,
-)
 
-_SEVERITY = {SUGGESTION_PASS: 0, SUGGESTION_REVIEW: 1, SUGGESTION_REJECT: 2}
-_IMAGE_LABELS = {SUGGESTION_PASS: 2, SUGGESTION_REVIEW: 1, SUGGESTION_REJECT: 0}  # the porn task's: 0 porn, 1 sexy, 2 normal
+# --- what seed 001 (and DESIGN.md's public notes) fix -----------------------------------------
+
+SUBMIT_ROUTE = "/v3.1/recognition/doc/async/{secret_id}"  # 2.1: ".../v3.1/recognition/doc/async/<secretId>"
+TRIAL_CONCURRENCY = 30  # 1: "在测试期间, 任务并发数为 30"
+DOCUMENT_CAP = 500 * 1024 * 1024  # 2.5 Doc.url 3: "文档大小须小于 500MB,超出时回调状态码 14"
+CALLBACK_SECONDS = 5.0  # 4.4: "回调超时时间 5 秒"
+CALLBACK_RESENDS = 3  # 4.4: "在 HTTP 响应状态码非 200 时进行重试,最多重试 3 次"
+# 2.5 customInfo: "maxImages ... 取值范围为 [100, 10000] ,默认 1000", "maxTextLength ... [1000, 1000000] ,默认 10000".
+IMAGE_BUDGET = (1000, 100, 10_000)  # (default, lowest, highest)
+TEXT_BUDGET = (10_000, 1000, 1_000_000)
+# 2.5 Doc.format: "可选值: doc 、docx 、xlsx 、ppt 、pptx 、pdf 、html 、txt" (others are plain text).
+DECLARABLE = frozenset({"doc", "docx", "xlsx", "ppt", "pptx", "pdf", "html", "txt"})
+# 2.5 Doc.callbackRule: "默认为 violation ... 仅回调违规页(含违规需复审)". "all" is the emulator's way to get every page.
+EVERY_PAGE = "all"
+# 4.6.1: suggestion 0 pass, 1 reject, 2 review.
+PASS, REJECT, REVIEW = 0, 1, 2
+# The task ids in the 4.7 example's details: an image task and a text task.
+IMAGE_TASK = "54bcfc6c329af61034f7c2fc"
+TEXT_TASK = "57c4036c557603652aeeb222"
+# Business codes (the seed links a table it does not include; DESIGN.md lists them). 3.2: 0 is "success".
+CODE_MESSAGES = {
+    0: "success",
+    1: "auth failed",
+    6: "secretId error",
+    11: "no callback",
+    12: "time parameter error",
+    14: "file error",
+    100: "server error",
+}
+
+_SEVERITY = {PASS: 0, REVIEW: 1, REJECT: 2}
+_IMAGE_LABELS = {PASS: 2, REVIEW: 1, REJECT: 0}  # the porn task's: 0 porn, 1 sexy, 2 normal (4.7 shows 2)
 _HINT_CONTEXT = 10  # characters either side of a keyword in a text hit's ``hint``
 
 
@@ -86,22 +94,134 @@ class Config(EmulatorConfig):
     client_public_key: str = ""  # PEM of the client's key; submits are verified with it (empty: every submit fails with 1)
     private_key: str = ""  # PEM of the emulator's own key; generated at start-up when empty (see /_emulator/public_key)
     timestamp_tolerance: float = 300.0  # seconds a submit's timestamp may differ from the emulator's clock
-    max_in_flight: int = MAX_IN_FLIGHT
-    max_doc_bytes: int = MAX_DOC_BYTES
-    strict_head: bool = False  # True: a link that refuses HEAD is code 14; False: measure with a 1-byte ranged GET
+    max_in_flight: int = TRIAL_CONCURRENCY
+    max_doc_bytes: int = DOCUMENT_CAP
+    # 2.5 Doc.url 4: "链接须支持 HEAD 请求,以便进行文档大小探测": a link that refuses HEAD is code 14.
+    # False measures such a link with the GET's headers instead.
+    strict_head: bool = True
     download_timeout: float = 60.0
     processing_min: float = 2.0  # seconds; each task draws uniformly from [min, max] (download included)
     processing_max: float = 8.0
-    failure_rate: float = 0.0  # tasks that end with code 100 in their callback
+    failure_rate: float = 0.0  # tasks that end with ``failure_code`` in their callback
+    failure_code: int = 100  # any number, so a test can send a code that no table lists
     text_page_length: int = 5000  # characters per page of a plain-text document ("基于一定的长度规则")
-    page_index_base: int = 1  # the seed's table says pages count from 1, its example shows 0
+    # Where the seed's table and its own example disagree, the example is the default (it is what
+    # the service sent when it was captured); the other value is the table's reading.
+    # PageResult.page: the table (4.5) says "从 1 开始", the example (4.7) has "page": 0.
+    page_index_base: int = 0
+    # The callback's message: the table (4.5) marks it 是否必有 "是", the example (4.7) has none.
+    callback_message: bool = False
     reject_word: str = "FORBIDDEN"
     review_word: str = "REVIEW"
     risk_type: int = 1
     risk_sub_label: str = "Political_Negative_events"
-    callback_timeout: float = CALLBACK_TIMEOUT
-    callback_retries: int = CALLBACK_RETRIES
+    callback_timeout: float = CALLBACK_SECONDS
+    callback_retries: int = CALLBACK_RESENDS
     callback_retry_delay: float = 1.0
+
+
+# --- the submit as 2.5 describes it ------------------------------------------------------------
+
+
+class SubmittedDoc(BaseModel):
+    """``doc``, spelled as on the wire; unknown keys are kept, as a gateway would ignore them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    format: str | None = None
+    callback: str | None = None
+    callbackRule: str | None = None  # noqa: N815 - the wire's spelling
+
+
+class Submitted(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    doc: SubmittedDoc
+    tasks: list[str] | None = None
+    customInfo: dict[str, Any] | None = None  # noqa: N815
+    nonce: int | float | str
+    timestamp: int | float | str
+    signature: str
+
+
+def budgets(custom_info: dict[str, Any] | None) -> tuple[int, int]:
+    """Images and characters to recognise; a value outside its documented range is not "有效"."""
+
+    def pick(value: Any, rule: tuple[int, int, int]) -> int:
+        default, lowest, highest = rule
+        usable = isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= highest
+        return value if usable else default
+
+    info = custom_info or {}
+    return pick(info.get("maxImages"), IMAGE_BUDGET), pick(info.get("maxTextLength"), TEXT_BUDGET)
+
+
+def port_allowed(port: int) -> bool:
+    """2.5 Doc.url 2: "文档链接端口除 80 , 443 端口外,应在 1025-65535 范围内"."""
+    return port in (80, 443) or 1025 <= port <= 65535
+
+
+# --- RSA, SHA256withRSA (PKCS#1 v1.5) as DESIGN.md describes the signing ------------------------
+
+
+@cache
+def _private(pem: str) -> rsa.RSAPrivateKey:
+    """Parsing a key checks it, which takes milliseconds: once per key."""
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey), "the emulator's private_key must be RSA"
+    return key
+
+
+@cache
+def _public(pem: str) -> rsa.RSAPublicKey | None:
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, rsa.RSAPublicKey) else None
+
+
+def new_private_key() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    ).decode()
+
+
+def public_pem(private_pem: str) -> str:
+    spki = _private(private_pem).public_key().public_bytes(
+        encoding=serialization.Encoding.PEM, format=serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return spki.decode()
+
+
+def rsa_signature(private_pem: str, message: str) -> str:
+    raw = _private(private_pem).sign(message.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    return base64.b64encode(raw).decode("ascii")
+
+
+def signature_holds(public_key_pem: str, message: str, signature: str) -> bool:
+    """Whether ``signature`` (base64) is the key holder's over ``message``; anything malformed is not."""
+    key = _public(public_key_pem) if public_key_pem else None
+    if key is None:
+        return False
+    try:
+        key.verify(base64.b64decode(signature, validate=True), message.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    return True
+
+
+def envelope(private_pem: str, payload: dict[str, Any], *, signed_text: str | None = None) -> dict[str, str]:
+    """3.1/4.5: ``json`` is the escaped JSON text, ``signature`` Tuputech's over exactly that text.
+
+    ``signed_text`` signs something else instead: an envelope that looks right and does not verify.
+    """
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return {"json": text, "signature": rsa_signature(private_pem, text if signed_text is None else signed_text)}
 
 
 class FileError(Exception):
@@ -119,7 +239,7 @@ class Page:
 class Task:
     request_id: str
     base_url: str  # where the client reached the emulator: text and image URLs are built on it
-    doc: Doc
+    doc: SubmittedDoc
     custom_info: dict[str, Any] | None
     duration: float
     fails: bool
@@ -127,6 +247,7 @@ class Task:
     texts: dict[int, str] = field(default_factory=dict)  # page index -> full page text
     images: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name -> (bytes, media type)
     result: dict[str, Any] | None = None
+    reason: str = ""  # why a task failed, kept here since the callback may carry no message
     callback_attempts: int = 0
     delivered: bool = False
 
@@ -149,7 +270,7 @@ def detect_format(data: bytes, declared: str | None) -> str:
     """The declared format when given (unknown ones are plain text, "其他纯文本类文档"); else sniffed."""
     if declared:
         fmt = declared.lower()
-        return fmt if fmt in DOC_FORMATS else "txt"
+        return fmt if fmt in DECLARABLE else "txt"
     if data.startswith(b"%PDF-"):
         return "pdf"
     if data.startswith(b"PK\x03\x04"):
@@ -300,7 +421,7 @@ def _sheet_text(xml: str, shared: list[str]) -> str:
 
 def _worst(verdicts: list[tuple[int, int]]) -> tuple[int, int]:
     """The summary of several ``(suggestion, riskType)``: reject over review over pass."""
-    return max(verdicts, key=lambda v: _SEVERITY[v[0]], default=(SUGGESTION_PASS, 0))
+    return max(verdicts, key=lambda v: _SEVERITY[v[0]], default=(PASS, 0))
 
 
 def _occurrences(text: str, word: str) -> list[int]:
@@ -315,7 +436,7 @@ class TuputechEmulator(Emulator):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self._own_key = config.private_key or generate_key_pair()[0]
+        self._own_key = config.private_key or new_private_key()
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
         self.processing = 0
@@ -328,14 +449,23 @@ class TuputechEmulator(Emulator):
     def private_key(self) -> str:
         return self.config.private_key or self._own_key
 
-    def _stamp(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Every answer and callback carries the provider's own nonce and Unix timestamp."""
-        return {**payload, "nonce": secrets.randbelow(10**10), "timestamp": int(time.time())}
+    @staticmethod
+    def _stamped(payload: dict[str, Any]) -> dict[str, Any]:
+        """Every answer and callback ends with Tuputech's own timestamp and nonce (3.2, 4.7)."""
+        return {**payload, "timestamp": int(time.time()), "nonce": secrets.randbelow(10**10)}
 
-    def _answer(self, code: int, detail: str = "", result: SubmitResult | None = None) -> JSONResponse:
-        message = BUSINESS_CODES[code][1] + (f": {detail}" if detail else "")
-        payload = SubmitResponse(code=code, message=message, result=result).wire()
-        return JSONResponse(seal(self.private_key, self._stamp(payload)))
+    def _sealed(self, payload: dict[str, Any], *, forged: bool = False) -> dict[str, str]:
+        if not forged:
+            return envelope(self.private_key, payload)
+        # Signed over other text than the json it carries: the shape is right, the signature is not.
+        return envelope(self.private_key, payload, signed_text=json.dumps(payload))
+
+    def _answer(self, code: int, detail: str = "", result: dict[str, Any] | None = None, forged: bool = False) -> JSONResponse:
+        """The synchronous answer, 3.1/3.2: code, message, result when accepted."""
+        payload: dict[str, Any] = {"code": code, "message": CODE_MESSAGES[code] + (f": {detail}" if detail else "")}
+        if result is not None:
+            payload["result"] = result
+        return JSONResponse(self._sealed(self._stamped(payload), forged=forged))
 
     # -- submit -----------------------------------------------------------------------------
 
@@ -356,12 +486,16 @@ class TuputechEmulator(Emulator):
         if refusal is not None:
             return self._answer(*refusal)
         try:
-            submitted = SubmitRequest.model_validate(data)
+            submitted = Submitted.model_validate(data)
         except ValidationError as exc:
             return self._answer(100, f"invalid parameter {'.'.join(map(str, exc.errors()[0]['loc']))}")
         task = self._accept(submitted, str(request.base_url).rstrip("/"))
         self.accept("submit")
-        return self._answer(0, result=SubmitResult(request_id=task.request_id, url=task.doc.url, callback=task.doc.callback))
+        forged = self.malformed_accept("submit")
+        result = {"requestId": task.request_id, "url": task.doc.url}
+        if task.doc.callback is not None:
+            result["callback"] = task.doc.callback
+        return self._answer(0, result=result, forged=forged)
 
     async def _fault(self, stats: EndpointStats) -> JSONResponse | None:
         """Injected failures, as the other emulators do: a bare 5xx, a signed code 100, a slow answer."""
@@ -382,7 +516,8 @@ class TuputechEmulator(Emulator):
         timestamp, nonce, signature = as_sent.get("timestamp"), as_sent.get("nonce"), as_sent.get("signature")
         if not all(isinstance(v, str) for v in (timestamp, nonce, signature)):
             return 1, "timestamp, nonce and signature are required"
-        if not verify(self.config.client_public_key, signing_text(secret_id, timestamp, nonce), signature):
+        # The values are signed as they are written in the body, joined by commas (DESIGN.md).
+        if not signature_holds(self.config.client_public_key, f"{secret_id},{timestamp},{nonce}", signature):
             return 1, ""
         try:
             skew = abs(time.time() - float(timestamp))
@@ -405,16 +540,16 @@ class TuputechEmulator(Emulator):
             return 14, "doc.url is not a URL"
         if parts.scheme not in ("http", "https") or not parts.hostname:
             return 14, "doc.url must be an http(s) URL"
-        if not allowed_port(port):
+        if not port_allowed(port):
             return 14, "doc.url port must be 80, 443 or 1025-65535"
         return None
 
-    def _accept(self, submitted: SubmitRequest, base_url: str) -> Task:
+    def _accept(self, submitted: Submitted, base_url: str) -> Task:
         task = Task(
-            request_id=f"{self.rng.getrandbits(128):032x}",  # the seed: 24~128 characters
+            request_id=f"{self.rng.getrandbits(128):032x}",  # 3.1 Result.requestId: "字符串长度 24~128"
             base_url=base_url,
             doc=submitted.doc,
-            custom_info=submitted.custom_info,
+            custom_info=submitted.customInfo,
             duration=self.rng.uniform(self.config.processing_min, self.config.processing_max),
             fails=self.roll(self.config.failure_rate),
         )
@@ -461,14 +596,14 @@ class TuputechEmulator(Emulator):
             result = await self._moderate(task)
         except Exception as exc:  # noqa: BLE001 - an emulator fault still ends the task, as code 100
             result = self._failure(task, 100, f"server error: {type(exc).__name__}")
-        task.result = result
+        task.result = result = self._stamped(result)
         try:
             await asyncio.sleep(max(0.0, task.duration - (time.monotonic() - started)))
         finally:
             self.processing -= 1
             self._pump()
         task.state = "delivering"
-        body = dumps(seal(self.private_key, result)).encode()
+        body = json.dumps(self._sealed(result), ensure_ascii=False).encode()
         self._set_in_flight(self.in_flight - 1)  # the first attempt leaves with no await in between
         try:
             await self._deliver(task, body)
@@ -477,7 +612,7 @@ class TuputechEmulator(Emulator):
 
     async def _moderate(self, task: Task) -> dict[str, Any]:
         if task.fails:
-            return self._failure(task, 100, "server error")
+            return self._failure(task, self.config.failure_code, "server error")
         try:
             data = await self._download(task.doc.url)
             fmt = detect_format(data, task.doc.format)
@@ -486,15 +621,23 @@ class TuputechEmulator(Emulator):
             return self._failure(task, 14, str(exc))
         return self._verdict(task, pages)
 
+    def _callback(self, task: Task, code: int, message: str, **rest: Any) -> dict[str, Any]:
+        """A callback's json (4.5) in the 4.7 example's order; ``message`` only when configured (4.7 has none)."""
+        payload: dict[str, Any] = {"code": code}
+        if self.config.callback_message:
+            payload["message"] = message
+        payload["requestId"] = task.request_id
+        for key in ("riskType", "suggestion", "docInfo"):
+            if key in rest:
+                payload[key] = rest.pop(key)
+        if task.custom_info is not None:
+            payload["customInfo"] = task.custom_info
+        payload.update(rest)
+        return payload
+
     def _failure(self, task: Task, code: int, message: str) -> dict[str, Any]:
-        result = CallbackResult(
-            code=code,
-            message=message,
-            request_id=task.request_id,
-            doc_info=DocInfo(pages=0, images=0, text_length=0),
-            custom_info=task.custom_info,
-        )
-        return self._stamp(result.wire())
+        task.reason = message
+        return self._callback(task, code, message, docInfo={"images": 0, "pages": 0, "textLength": 0})
 
     # -- download: HEAD for the size, then GET ------------------------------------------------
 
@@ -508,8 +651,9 @@ class TuputechEmulator(Emulator):
             raise FileError(f"file error: document unreachable ({type(exc).__name__})") from None
 
     async def _probe_size(self, url: str) -> int | None:
-        """HEAD, as the seed requires. A presigned S3 URL signs its method and so refuses HEAD;
-        unless ``strict_head``, the size is then read from the GET's headers before its body."""
+        """HEAD, as the seed requires ("链接须支持 HEAD 请求"). A presigned S3 GET URL signs its
+        method and so refuses HEAD; only when ``strict_head`` is off is the size then read from
+        the GET's headers before its body."""
         head = await self.http().head(url, timeout=self.config.download_timeout, follow_redirects=True)
         if head.is_success:
             return _int_header(head.headers.get("content-length"))
@@ -542,54 +686,50 @@ class TuputechEmulator(Emulator):
 
     def _verdict(self, task: Task, pages: list[Page]) -> dict[str, Any]:
         """The documented result: docInfo over the whole document, recognition within maxImages/maxTextLength."""
-        image_budget, text_budget = effective_limits(task.custom_info)
-        results: list[PageResult] = []
+        image_budget, text_budget = budgets(task.custom_info)
+        reported: list[dict[str, Any]] = []
         for page in pages:
             content, images = page.text[:text_budget], page.images[:image_budget]
             text_budget -= len(content)
             image_budget -= len(images)
-            results.append(self._page_result(task, page, content, images))
-        suggestion, risk_type = _worst([(p.summary.suggestion, p.summary.risk_type) for p in results])
-        if task.doc.callback_rule != CALLBACK_RULE_ALL:
-            results = [p for p in results if p.summary.suggestion != SUGGESTION_PASS]
-        result = CallbackResult(
-            code=0,
-            message=BUSINESS_CODES[0][1],
-            request_id=task.request_id,
-            doc_info=DocInfo(
-                pages=len(pages), images=sum(len(p.images) for p in pages), text_length=sum(len(p.text) for p in pages)
-            ),
-            suggestion=suggestion,
-            risk_type=risk_type,
-            custom_info=task.custom_info,
-            pages=results,
+            reported.append(self._page_result(task, page, content, images))
+        suggestion, risk_type = _worst([(p["summary"]["suggestion"], p["summary"]["riskType"]) for p in reported])
+        if task.doc.callbackRule != EVERY_PAGE:
+            reported = [p for p in reported if p["summary"]["suggestion"] != PASS]
+        doc_info = {
+            "images": sum(len(p.images) for p in pages),
+            "pages": len(pages),
+            "textLength": sum(len(p.text) for p in pages),
+        }
+        return self._callback(
+            task, 0, CODE_MESSAGES[0], riskType=risk_type, suggestion=suggestion, docInfo=doc_info, pages=reported
         )
-        return self._stamp(result.wire())
 
-    def _page_result(self, task: Task, page: Page, content: str, images: list[tuple[str, bytes]]) -> PageResult:
-        """One page, judged on the part of its text and images within the limits; its full text is served."""
+    def _page_result(self, task: Task, page: Page, content: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+        """One page (4.5 PageResult), judged on the part of its text and images within the limits."""
         index = page.number - 1 + self.config.page_index_base
         task.texts[index] = page.text
         text = self._text_result(task, index, content) if content else None
         image_results = [self._image_result(task, index, i, name, blob) for i, (name, blob) in enumerate(images)]
-        suggestion, risk_type = _worst([(r.suggestion, r.risk_type) for r in [*image_results, *([text] if text else [])]])
-        return PageResult(
-            page=index,
-            summary=PageSummary(suggestion=suggestion, risk_type=risk_type),
-            images=image_results or None,
-            text=text,
-        )
+        judged = [(r["suggestion"], r["riskType"]) for r in [*image_results, *([text] if text else [])]]
+        suggestion, risk_type = _worst(judged)
+        result: dict[str, Any] = {"page": index, "summary": {"suggestion": suggestion, "riskType": risk_type}}
+        if image_results:  # "为空时该字段省略"
+            result["images"] = image_results
+        if text is not None:
+            result["text"] = text
+        return result
 
     def _judge(self, text: str) -> tuple[int, int, list[tuple[str, int]]]:
         """``(suggestion, riskType, keyword hits)`` of a text: the reject word wins over the review word."""
-        words = ((self.config.reject_word, SUGGESTION_REJECT), (self.config.review_word, SUGGESTION_REVIEW))
+        words = ((self.config.reject_word, REJECT), (self.config.review_word, REVIEW))
         for word, suggestion in words:
             hits = [(word, at) for at in _occurrences(text, word)]
             if hits:
                 return suggestion, self.config.risk_type, hits
-        return SUGGESTION_PASS, 0, []
+        return PASS, 0, []
 
-    def _text_result(self, task: Task, index: int, content: str) -> PageTextResult:
+    def _text_result(self, task: Task, index: int, content: str) -> dict[str, Any]:
         suggestion, risk_type, hits = self._judge(content)
         details = [
             {
@@ -603,34 +743,34 @@ class TuputechEmulator(Emulator):
             for word, at in hits
         ]
         item = {
-            "label": 0 if suggestion == SUGGESTION_PASS else 1,
-            "review": suggestion == SUGGESTION_REVIEW,
-            "rate": 0.6 if suggestion == SUGGESTION_REVIEW else 0.99,
+            "label": 0 if suggestion == PASS else 1,
+            "review": suggestion == REVIEW,
+            "rate": 0.6 if suggestion == REVIEW else 0.99,
             "content": content,
             "details": details,
         }
-        return PageTextResult(
-            url=f"{task.base_url}/static/text/{task.request_id}/{index}.txt",
-            suggestion=suggestion,
-            risk_type=risk_type,
-            details={TEXT_TASK_ID: {"texts": [item]}},
-        )
+        return {
+            "url": f"{task.base_url}/static/text/{task.request_id}/{index}.txt",
+            "suggestion": suggestion,
+            "riskType": risk_type,
+            "details": {TEXT_TASK: {"texts": [item]}},
+        }
 
-    def _image_result(self, task: Task, index: int, position: int, file_name: str, blob: bytes) -> PageImageResult:
+    def _image_result(self, task: Task, index: int, position: int, file_name: str, blob: bytes) -> dict[str, Any]:
         """An image is judged by the text it carries (a PNG's ``docpipe:text`` chunk, see documents.py)."""
-        name = f"{task.request_id}-{index}-{position}"
+        name = f"{task.request_id}-{index}-{position}"  # 4.7: "<requestId>-0-0", by page and position
         extension = file_name.rpartition(".")[2].lower() if "." in file_name else "png"
         fmt = "jpeg" if extension in ("jpg", "jpeg") else extension
         suggestion, risk_type, _ = self._judge("\n".join(page_texts(blob, fmt)))
         task.images[f"{name}.{extension}"] = (blob, mimetypes.guess_type(f"x.{extension}")[0] or "application/octet-stream")
-        item = {"label": _IMAGE_LABELS[suggestion], "rate": 0.99, "review": suggestion == SUGGESTION_REVIEW, "name": name}
-        return PageImageResult(
-            url=f"{task.base_url}/static/image/{task.request_id}/{name}.{extension}",
-            name=name,
-            suggestion=suggestion,
-            risk_type=risk_type,
-            details={IMAGE_TASK_ID: {"fileList": [item]}},
-        )
+        item = {"label": _IMAGE_LABELS[suggestion], "rate": 0.99, "review": suggestion == REVIEW, "name": name}
+        return {
+            "url": f"{task.base_url}/static/image/{task.request_id}/{name}.{extension}",
+            "name": name,
+            "suggestion": suggestion,
+            "riskType": risk_type,
+            "details": {IMAGE_TASK: {"fileList": [item]}},
+        }
 
     # -- callback -----------------------------------------------------------------------------
 
@@ -678,7 +818,7 @@ class TuputechEmulator(Emulator):
 
     async def public_key(self, request: Request) -> PlainTextResponse:
         """The PEM a client verifies answers and callbacks with (the emulator's "图普公钥")."""
-        return PlainTextResponse(public_key_of(self.private_key), media_type="application/x-pem-file")
+        return PlainTextResponse(public_pem(self.private_key), media_type="application/x-pem-file")
 
     async def task_state(self, request: Request) -> JSONResponse:
         """One task as the emulator sees it, for tests and debugging (not part of Tuputech's API)."""
@@ -686,7 +826,7 @@ class TuputechEmulator(Emulator):
         if task is None:
             return JSONResponse({"error": "unknown requestId"}, status_code=404)
         state = {"state": task.state, "callback_attempts": task.callback_attempts, "delivered": task.delivered}
-        return JSONResponse({**state, "result": task.result})
+        return JSONResponse({**state, "reason": task.reason, "result": task.result})
 
     def snapshot(self) -> dict[str, Any]:
         c = self.counters
@@ -721,7 +861,7 @@ def _int_header(value: str | None) -> int | None:
 def create_app(config: Config) -> Starlette:
     emulator = TuputechEmulator(config)
     routes = [
-        Route(SUBMIT_PATH, emulator.submit, methods=["POST"]),
+        Route(SUBMIT_ROUTE, emulator.submit, methods=["POST"]),
         Route("/static/text/{request_id}/{page:int}.txt", emulator.page_text, methods=["GET"]),
         Route("/static/image/{request_id}/{name}", emulator.image, methods=["GET"]),
         Route("/_emulator/public_key", emulator.public_key, methods=["GET"]),

@@ -1,10 +1,12 @@
 """The tuputech emulator as a client meets it: a real emulator process, a real file server
 for the document (HEAD included) and a real callback receiver.
 
-The seed has no example code, only the documented request shape (2.6) and pseudo-code for
-reading a callback (4.6); ``test_documented_request_and_callback`` writes both out with
-``requests`` and ``cryptography`` directly, not through ``tuputech_wire``, so that a
-mistake shared by the wire module and the emulator cannot hide.
+The seed has no example code, only the documented request shape (2.6), the callback's
+example (4.7) and pseudo-code for reading a callback (4.6); these tests write requests and
+checks out with ``requests`` and ``cryptography`` directly, never through the client's
+``tuputech_wire``, so that a misreading of the seed shared by client and emulator cannot
+hide. Where the seed's table and its example disagree, the emulator answers as the example
+does by default; each such setting is tested both ways.
 """
 
 from __future__ import annotations
@@ -27,26 +29,21 @@ from typing import Any
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.exceptions import InvalidSignature
 from PIL import Image
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen import canvas
 
 from emulators.tuputech import document_pages
-from pipeline.providers.tuputech_wire import (
-    TEXT_TASK_ID,
-    CallbackResult,
-    Doc,
-    SubmitResponse,
-    generate_key_pair,
-    open_sealed,
-    signed_submit_body,
-)
+from tests.tuputech_signing import generate_key_pair, open_sealed, rsa_sign, rsa_verify, signed_submit_body
 
 SECRET_ID = "test-secret-id"
+TEXT_TASK_ID = "57c4036c557603652aeeb222"  # the text task's id in the seed's callback example (4.7)
+IMAGE_TASK_ID = "54bcfc6c329af61034f7c2fc"  # the image task's
 # For submits refused or faulted before any download.
-UNUSED_DOC = Doc(url="http://127.0.0.1:8080/a.pdf", callback="http://127.0.0.1:8080/cb")
+UNUSED_DOC = {"url": "http://127.0.0.1:8080/a.pdf", "callback": "http://127.0.0.1:8080/cb"}
+# The top-level keys of the seed's callback example (4.7), which has no "message".
+EXAMPLE_CALLBACK_KEYS = {"code", "requestId", "riskType", "suggestion", "docInfo", "customInfo", "pages", "timestamp", "nonce"}
 
 
 # --- servers the test runs -----------------------------------------------------------------
@@ -240,21 +237,13 @@ def _pdf(*pages: str) -> bytes:
 
 def _submit(emulator: Emulator, client_keys: tuple[str, str], url: str, callback: str, **kwargs: Any) -> dict[str, Any]:
     """Submit through the wire helpers; return the verified payload of the signed answer."""
-    doc = Doc(url=url, callback=callback, callback_rule=kwargs.pop("callback_rule", None))
+    doc = {"url": url, "callback": callback}
+    if "callback_rule" in kwargs:
+        doc["callbackRule"] = kwargs.pop("callback_rule")
     body = signed_submit_body(SECRET_ID, client_keys[0], doc, **kwargs)
     response = requests.post(emulator.submit_url, json=body, timeout=5)
     assert response.status_code == 200
     return open_sealed(emulator.public_key(), response.json())
-
-
-def _rsa_sign(private_pem: str, text: str) -> str:
-    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
-    return base64.b64encode(key.sign(text.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())).decode()
-
-
-def _rsa_verify(public_pem: str, text: str, signature: str) -> None:
-    key = serialization.load_pem_public_key(public_pem.encode())
-    key.verify(base64.b64decode(signature), text.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
 
 
 # --- tests ---------------------------------------------------------------------------------
@@ -273,12 +262,12 @@ def test_documented_request_and_callback(
         "customInfo": {"docId": "doc-1", "maxImages": 1000, "maxTextLength": 10000},
         "timestamp": timestamp,
         "nonce": nonce,
-        "signature": _rsa_sign(client_keys[0], f"{SECRET_ID},{timestamp},{nonce}"),
+        "signature": rsa_sign(client_keys[0], f"{SECRET_ID},{timestamp},{nonce}"),
     }
     response = requests.post(emulator.submit_url, json=body, headers={"Content-Type": "application/json"}, timeout=5)
 
     assert response.status_code == 200
-    _rsa_verify(tupu_public_key, response.json()["json"], response.json()["signature"])
+    rsa_verify(tupu_public_key, response.json()["json"], response.json()["signature"])
     answer = json.loads(response.json()["json"])
     assert answer["code"] == 0 and answer["message"] == "success"
     assert {"nonce", "timestamp"} <= answer.keys()
@@ -286,25 +275,30 @@ def test_documented_request_and_callback(
     assert answer["result"]["url"] == url and answer["result"]["callback"] == callback
 
     [(envelope, _)] = callbacks.wait("/tupu")
-    _rsa_verify(tupu_public_key, envelope["json"], envelope["signature"])
+    rsa_verify(tupu_public_key, envelope["json"], envelope["signature"])
     result = json.loads(envelope["json"])  # seed 4.6: result = JSON.parse(CallbackRequest.json)
     assert result["code"] == 0 and result["requestId"] == answer["result"]["requestId"]
     assert result["suggestion"] == 1 and result["riskType"] != 0
     assert result["docInfo"] == {"pages": 2, "images": 0, "textLength": result["docInfo"]["textLength"]}
     assert result["customInfo"] == body["customInfo"]
     texts = [page["text"] for page in result["pages"] if page.get("text", {}).get("suggestion") == 1]
-    assert [page["page"] for page in result["pages"]] == [2]  # "violation": the clean page 1 is left out
+    # "violation": the clean first page is left out; pages count from 0 as in the example (4.7).
+    assert [page["page"] for page in result["pages"]] == [1]
     hit = texts[0]["details"][TEXT_TASK_ID]["texts"][0]["details"][0]
     assert hit["keyword"] == "FORBIDDEN" and hit["endPos"] - hit["startPos"] == len("FORBIDDEN")
     page_text = requests.get(texts[0]["url"], timeout=5)
     assert page_text.status_code == 200 and "FORBIDDEN" in page_text.text
-    CallbackResult.model_validate(result)
+    # The 4.7 example's shape, key for key: no "message", which only the table (4.5) asks for.
+    assert set(result) == EXAMPLE_CALLBACK_KEYS
+    [page] = result["pages"]
+    assert set(page) == {"page", "summary", "text"} and set(page["summary"]) == {"suggestion", "riskType"}
+    assert set(page["text"]) == {"url", "suggestion", "riskType", "details"}
 
 
 def test_pdf_images_are_counted_named_and_served(
     start_emulator: Callable[..., Emulator], client_keys: tuple[str, str], files: FileServer, callbacks: CallbackReceiver
 ) -> None:
-    emulator = start_emulator(page_index_base=0)  # as the seed's example, which counts pages from 0
+    emulator = start_emulator()
     picture = io.BytesIO()
     Image.new("RGB", (40, 30), "red").save(picture, "PNG")
     buffer = io.BytesIO()
@@ -361,13 +355,13 @@ def test_text_is_paged_by_length_and_recognised_up_to_max_text_length(
     default = open_sealed(emulator.public_key(), callbacks.wait("/default")[0][0])
     assert default["docInfo"] == {"pages": 3, "images": 0, "textLength": 12000}
     assert default["suggestion"] == 0  # the word lies past the default 10000 characters
-    assert [p["page"] for p in default["pages"]] == [1, 2, 3]
+    assert [p["page"] for p in default["pages"]] == [0, 1, 2]
     assert "text" not in default["pages"][2]  # nothing of page 3 was recognised, so no text result
     served = [requests.get(p["text"]["url"], timeout=5).text for p in default["pages"][:2]]
     assert served == [text[:5000], text[5000:10000]]
 
     longer = open_sealed(emulator.public_key(), callbacks.wait("/long")[0][0])
-    assert longer["suggestion"] == 1 and [p["page"] for p in longer["pages"]] == [3]
+    assert longer["suggestion"] == 1 and [p["page"] for p in longer["pages"]] == [2]
 
 
 @pytest.mark.parametrize(
@@ -388,8 +382,8 @@ def test_refusals(
     body = signed_submit_body(SECRET_ID, client_keys[0], UNUSED_DOC)
     change(body)
     response = requests.post(emulator.submit_url, json=body, timeout=5)
-    answer = SubmitResponse.model_validate(open_sealed(emulator.public_key(), response.json()))
-    assert answer.code == code and answer.result is None
+    answer = open_sealed(emulator.public_key(), response.json())
+    assert answer["code"] == code and "result" not in answer
 
 
 def test_stale_timestamp_and_unknown_secret_id(
@@ -412,7 +406,7 @@ def test_signature_covers_the_values_as_written(
     timestamp = int(time.time())
     raw = (
         f'{{"doc": {{"url": "{url}", "callback": "{callbacks.base_url}/cb"}}, "timestamp": {timestamp}, '
-        f'"nonce": 0.50, "signature": "{_rsa_sign(client_keys[0], f"{SECRET_ID},{timestamp},0.50")}"}}'
+        f'"nonce": 0.50, "signature": "{rsa_sign(client_keys[0], f"{SECRET_ID},{timestamp},0.50")}"}}'
     )
     response = requests.post(emulator.submit_url, data=raw, headers={"Content-Type": "application/json"}, timeout=5)
     assert open_sealed(emulator.public_key(), response.json())["code"] == 0
@@ -433,15 +427,16 @@ def test_file_errors_come_back_as_code_14(
     assert privileged["code"] == 14  # the seed's port rule is checked at submit
 
 
-def test_links_that_refuse_head_are_measured_by_the_get_unless_strict(
+def test_links_that_refuse_head_are_code_14_unless_lenient(
     start_emulator: Callable[..., Emulator], client_keys: tuple[str, str], tmp_path: Path, callbacks: CallbackReceiver
 ) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_NoHeadFiles, directory=str(tmp_path)))
     url = f"{_serve(server)}/signed.txt"
     (tmp_path / "signed.txt").write_bytes(b"a presigned document")
     try:
-        lenient, strict = start_emulator(), start_emulator(strict_head=True)
-        small = start_emulator(max_doc_bytes=10)
+        # 2.5 Doc.url 4: "链接须支持 HEAD 请求,以便进行文档大小探测" -- strict by default.
+        strict, lenient = start_emulator(), start_emulator(strict_head=False)
+        small = start_emulator(strict_head=False, max_doc_bytes=10, callback_message=True)
         _submit(lenient, client_keys, url, f"{callbacks.base_url}/lenient")
         _submit(strict, client_keys, url, f"{callbacks.base_url}/strict")
         _submit(small, client_keys, url, f"{callbacks.base_url}/small")
@@ -551,3 +546,103 @@ def test_office_and_html_page_model() -> None:
 
     page = "<html><head><style>p {}</style></head><body><p>Hello &amp; bye</p></body></html>"
     assert [p.text for p in document_pages(page.encode(), "html", 5000)] == ["Hello & bye\n"]
+
+
+def _delivered_state(emulator: Emulator, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The emulator's view of a task once it has seen its callback answered (just after the receiver has it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = requests.get(f"{emulator.base_url}/_emulator/tasks/{request_id}", timeout=5).json()
+        if state["delivered"]:
+            return state
+        assert time.monotonic() < deadline, f"task {request_id} not delivered: {state}"
+        time.sleep(0.02)
+
+
+# --- the seed's table against its example ---------------------------------------------------
+
+
+def test_page_numbers_and_message_follow_the_example_unless_the_table_is_asked_for(
+    start_emulator: Callable[..., Emulator], client_keys: tuple[str, str], files: FileServer, callbacks: CallbackReceiver
+) -> None:
+    """4.7 counts pages from 0 and has no ``message``; the table (4.5) says from 1 and requires it."""
+    example, table = start_emulator(), start_emulator(page_index_base=1, callback_message=True)
+    url = files.put("two.pdf", _pdf("first page", "second page"))
+    _submit(example, client_keys, url, f"{callbacks.base_url}/example", callback_rule="all")
+    _submit(table, client_keys, url, f"{callbacks.base_url}/table", callback_rule="all")
+
+    as_example = open_sealed(example.public_key(), callbacks.wait("/example")[0][0])
+    assert "message" not in as_example and set(as_example) == EXAMPLE_CALLBACK_KEYS - {"customInfo"}
+    assert [p["page"] for p in as_example["pages"]] == [0, 1]
+    assert requests.get(as_example["pages"][0]["text"]["url"], timeout=5).text.strip() == "first page"
+
+    as_table = open_sealed(table.public_key(), callbacks.wait("/table")[0][0])
+    assert as_table["message"] == "success" and set(as_table) - {"message"} == set(as_example)
+    assert [p["page"] for p in as_table["pages"]] == [1, 2]
+    assert requests.get(as_table["pages"][0]["text"]["url"], timeout=5).text.strip() == "first page"
+
+
+@pytest.mark.parametrize("failure_code", [None, 4242], ids=["default-100", "undocumented-4242"])
+def test_failing_tasks_call_back_with_the_configured_code(
+    start_emulator: Callable[..., Emulator],
+    client_keys: tuple[str, str],
+    files: FileServer,
+    callbacks: CallbackReceiver,
+    failure_code: int | None,
+) -> None:
+    settings: dict[str, Any] = {"failure_rate": 1.0}
+    if failure_code is not None:
+        settings["failure_code"] = failure_code
+    emulator = start_emulator(**settings)
+    answer = _submit(emulator, client_keys, files.put("a.txt", b"plain"), f"{callbacks.base_url}/fails")
+    assert answer["code"] == 0  # accepted: the failure comes with the result
+
+    result = open_sealed(emulator.public_key(), callbacks.wait("/fails")[0][0])
+    assert result["code"] == (failure_code or 100) and "message" not in result
+    assert result["docInfo"] == {"pages": 0, "images": 0, "textLength": 0} and "pages" not in result
+    state = _delivered_state(emulator, answer["result"]["requestId"])
+    assert state["reason"] and state["result"] == result
+
+
+def test_a_malformed_accept_is_a_real_task_with_an_unverifiable_answer(
+    start_emulator: Callable[..., Emulator], client_keys: tuple[str, str], files: FileServer, callbacks: CallbackReceiver
+) -> None:
+    emulator = start_emulator(faults={"malformed_accept_rate": 1.0})
+    url = files.put("note.txt", b"Please REVIEW this one.")
+    body = signed_submit_body(SECRET_ID, client_keys[0], {"url": url, "callback": f"{callbacks.base_url}/cb"})
+    response = requests.post(emulator.submit_url, json=body, timeout=5)
+
+    assert response.status_code == 200
+    envelope = response.json()
+    assert set(envelope) == {"json", "signature"}  # the documented shape...
+    with pytest.raises(InvalidSignature):  # ...whose signature is not over its json
+        rsa_verify(emulator.public_key(), envelope["json"], envelope["signature"])
+    answer = json.loads(envelope["json"])
+    assert answer["code"] == 0 and answer["result"]["url"] == url
+    request_id = answer["result"]["requestId"]
+
+    # The task is real: processed and called back, with a callback that does verify.
+    result = open_sealed(emulator.public_key(), callbacks.wait("/cb")[0][0])
+    assert result["requestId"] == request_id and result["suggestion"] == 2
+    assert _delivered_state(emulator, request_id)["result"] == result
+    stats = emulator.stats()
+    assert stats["endpoints"]["submit"]["accepted"] == 1 and stats["endpoints"]["submit"]["faults_injected"] == 1
+    assert stats["tasks_accepted"] == 1
+
+
+def test_config_changes_at_run_time_take_effect(
+    emulator: Emulator, client_keys: tuple[str, str], files: FileServer, callbacks: CallbackReceiver
+) -> None:
+    """Clients' end-to-end tests switch readings on a running emulator through /_emulator/config."""
+    url = files.put("one.txt", b"one page FORBIDDEN")
+    control = f"{emulator.base_url}/_emulator/config"
+    defaults = requests.get(control, timeout=5).json()
+    assert (defaults["page_index_base"], defaults["callback_message"], defaults["strict_head"]) == (0, False, True)
+    assert defaults["failure_code"] == 100 and defaults["faults"]["malformed_accept_rate"] == 0.0
+    try:
+        requests.post(control, json={"page_index_base": 1, "callback_message": True}, timeout=5).raise_for_status()
+        _submit(emulator, client_keys, url, f"{callbacks.base_url}/switched")
+        result = open_sealed(emulator.public_key(), callbacks.wait("/switched")[0][0])
+        assert result["message"] == "success" and [p["page"] for p in result["pages"]] == [1]
+    finally:
+        requests.post(control, json=defaults, timeout=5)

@@ -1,0 +1,273 @@
+"""The baidu emulator as a real process, against seed 002's tables and its examples.
+
+Where the table and the example disagree (the submit answer's key, the file name's
+spelling, the shape of ``location`` and of combo leaves, the type of the task times), the
+emulator answers as the example does by default, because that is what the service sent
+when the example was captured; a setting gives the table's reading. Each is tested both
+ways here, with requests written out from the seed rather than through the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image, PngImagePlugin
+
+from tests.conftest import EmulatorControl
+
+API_KEY, SECRET_KEY = "test-ak", "test-sk"
+SUBMIT = "/rest/2.0/solution/v1/iocr/recognise/universal/request"  # seed line 14
+GET_RESULT = "/rest/2.0/solution/v1/iocr/recognise/universal/get_result"  # seed line 93
+EMULATOR = {
+    "api_key": API_KEY,
+    "secret_key": SECRET_KEY,
+    "processing_min": 0.6,
+    "processing_max": 0.6,
+    # The QPS limits have their own test (test_baidu_seed_examples); here they would only slow things.
+    "submit_qps": 1000,
+    "get_result_qps": 1000,
+}
+CARD_LINES = ["Name: Alice", "Number: 4711", "| Item | Qty |", "| Tea | 2 |"]
+CLOCK_TEXT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # "2025-03-17 15:37:55", lines 171-173
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator_url() -> Iterator[str]:
+    port = _free_port()
+    argv = [sys.executable, "-m", "emulators", "baidu", "--port", str(port), "--config", json.dumps(EMULATOR)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else "emulator exited"
+            try:
+                if requests.get(f"{base_url}/_emulator/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "baidu emulator did not start"
+            time.sleep(0.05)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def baidu(emulator_url: str) -> Iterator[EmulatorControl]:
+    """The module's emulator with its config and statistics reset around each test."""
+    control = EmulatorControl(emulator_url)
+    control.reset()
+    yield control
+    control.reset()
+
+
+@pytest.fixture
+def token(baidu: EmulatorControl) -> str:
+    response = requests.post(
+        f"{baidu.base_url}/oauth/2.0/token",
+        params={"grant_type": "client_credentials", "client_id": API_KEY, "client_secret": SECRET_KEY},
+        timeout=10,
+    )
+    return response.json()["access_token"]
+
+
+def card_png() -> bytes:
+    """A PNG whose text chunk the emulator "recognises": two key/value lines and a one-row table."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("docpipe:text", "\n".join(CARD_LINES))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def submit_form(name_field: str = "fileName", name: str = "card.png", **extra: str) -> dict[str, str]:
+    """The seed's example form (lines 49-54): image, fileName, classifierId, templateSign."""
+    form = {"image": base64.b64encode(card_png()).decode(), name_field: name, "classifierId": "project-yht3ia44fyixcwm2"}
+    form.update(templateSign="id_card_font", **extra)
+    return form
+
+
+def post(baidu: EmulatorControl, path: str, token: str, form: dict[str, str]) -> requests.Response:
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    return requests.post(f"{baidu.base_url}{path}", params={"access_token": token}, data=form, headers=headers, timeout=10)
+
+
+def submit(baidu: EmulatorControl, token: str, **form: str) -> dict[str, Any]:
+    return post(baidu, SUBMIT, token, submit_form(**form)).json()
+
+
+def result(baidu: EmulatorControl, token: str, task_id: str) -> dict[str, Any]:
+    return post(baidu, GET_RESULT, token, {"task_id": task_id}).json()
+
+
+def wait_finished(baidu: EmulatorControl, token: str, task_id: str, running: str = "Running") -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while (answer := result(baidu, token, task_id))["task_result"]["status"] == running:
+        assert time.monotonic() < deadline, f"{task_id} still {running}"
+        time.sleep(0.05)
+    return answer
+
+
+# --- submit --------------------------------------------------------------------------------
+
+
+def test_submit_answers_task_result_as_the_example_and_result_as_the_table(baidu: EmulatorControl, token: str) -> None:
+    example = submit(baidu, token)
+    assert set(example) == {"error_code", "error_msg", "log_id", "task_result"}  # lines 73-80
+    assert example["error_code"] == 0 and example["task_result"]["task_id"].startswith("task-")
+
+    baidu.config(submit_answer_key="result")
+    table = submit(baidu, token)
+    assert set(table) == {"error_code", "error_msg", "log_id", "result"}  # lines 63-70
+    assert wait_finished(baidu, token, table["result"]["task_id"])["task_result"]["status"] == "Success"
+
+
+@pytest.mark.parametrize(
+    ("setting", "sent", "accepted"),
+    [
+        (None, "fileName", True),  # the working example, line 51
+        (None, "file_name", False),
+        ("file_name", "file_name", True),  # the table, line 27
+        ("file_name", "fileName", False),
+        ("either", "fileName", True),
+        ("either", "file_name", True),
+    ],
+)
+def test_file_name_field(baidu: EmulatorControl, token: str, setting: str | None, sent: str, accepted: bool) -> None:
+    if setting is not None:
+        baidu.config(file_name_field=setting)
+    answer = submit(baidu, token, name_field=sent)
+    if accepted:
+        assert answer["error_code"] == 0 and answer["task_result"]["task_id"]
+    else:
+        assert answer["error_code"] == 282003 and answer["error_msg"] == "missing parameters"
+        assert baidu.endpoint("submit")["accepted"] == 0
+
+
+def test_a_file_name_whose_suffix_lies_is_refused(baidu: EmulatorControl, token: str) -> None:
+    """Line 27: "注意: 文件名称后缀需与文件实际类型一致"."""
+    answer = submit(baidu, token, name="card.pdf")
+    assert answer["error_code"] == 283016 and answer["error_msg"] == "parameters value error"
+    baidu.config(check_name_suffix=False)
+    assert submit(baidu, token, name="card.pdf")["error_code"] == 0
+
+
+# --- get_result ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("location_shape", ["object", "list"])
+@pytest.mark.parametrize("combo_leaf_shape", ["object", "list"])
+def test_locations_and_combo_leaves(baidu: EmulatorControl, token: str, location_shape: str, combo_leaf_shape: str) -> None:
+    """The example nests objects (lines 186-190, 295-300); the table types both as []dict (150, 155, 157)."""
+    task_id = submit(baidu, token)["task_result"]["task_id"]
+    wait_finished(baidu, token, task_id)
+    settings = {"location_shape": location_shape, "combo_leaf_shape": combo_leaf_shape}
+    baidu.config(**{key: value for key, value in settings.items() if value != "object"})  # "object" is the default
+    [page] = result(baidu, token, task_id)["words_result"]
+    single, combo = page["kv_result"]["single_key"], page["kv_result"]["combo_key"]
+
+    def location(words: dict[str, Any]) -> dict[str, Any]:
+        if location_shape == "list":
+            assert isinstance(words["location"], list) and len(words["location"]) == 1
+            return words["location"][0]
+        assert isinstance(words["location"], dict)
+        return words["location"]
+
+    [name] = single["Name"]
+    assert name["words"] == "Alice" and set(location(name)) == {"box", "cbox"}
+    assert len(location(name)["box"]) == 4 and len(location(name)["cbox"]) == 4  # [4][2]int, [4]int
+    [row] = combo["items"]
+    assert set(row) == {"Item", "Qty"}
+    leaf = row["Item"]
+    if combo_leaf_shape == "list":
+        assert isinstance(leaf, list) and len(leaf) == 1
+        leaf = leaf[0]
+    assert leaf["words"] == "Tea" and set(location(leaf)) == {"box", "cbox"}
+
+
+def test_times_are_text_as_in_the_examples_and_int_as_in_the_table(baidu: EmulatorControl, token: str) -> None:
+    """Lines 171-173 and 427-429 send "2025-03-17 15:37:55" (finished "" while running); 135-137 type them int."""
+    baidu.config(processing_min=2.0, processing_max=2.0)
+    before = int(time.time())
+    task_id = submit(baidu, token)["task_result"]["task_id"]
+
+    running = result(baidu, token, task_id)
+    info = running["task_result"]
+    assert info["status"] == "Running" and running["words_result"] is None and "words_result_num" not in running
+    assert set(info) == {"task_id", "status", "reason", "created", "started", "finished", "duration"}  # lines 423-431
+    assert CLOCK_TEXT.fullmatch(info["created"]) and CLOCK_TEXT.fullmatch(info["started"]) and info["finished"] == ""
+    baidu.config(time_format="int")
+    info = result(baidu, token, task_id)["task_result"]
+    assert info["status"] == "Running" and info["finished"] == 0
+    assert isinstance(info["created"], int) and before <= info["created"] <= time.time()
+
+    done = wait_finished(baidu, token, task_id)
+    info = done["task_result"]
+    assert set(done) == {"error_code", "error_msg", "log_id", "task_result", "words_result_num", "words_result"}
+    assert set(info) == {"task_id", "status", "created", "started", "finished", "duration"}  # lines 168-175
+    assert isinstance(info["finished"], int) and info["finished"] - info["created"] == info["duration"] == 2
+    baidu.config(time_format="text")
+    assert CLOCK_TEXT.fullmatch(result(baidu, token, task_id)["task_result"]["finished"])
+
+
+def test_status_words_follow_the_seed_unless_configured(baidu: EmulatorControl, token: str) -> None:
+    """Line 134 lists Success/Running/Failed; a test may make the service answer words it does not list."""
+    task_id = submit(baidu, token)["task_result"]["task_id"]
+    assert result(baidu, token, task_id)["task_result"]["status"] == "Running"
+    assert wait_finished(baidu, token, task_id)["task_result"]["status"] == "Success"
+
+    baidu.config(running_status="Queued", success_status="Succeeded", failed_status="Error")
+    task_id = submit(baidu, token)["task_result"]["task_id"]
+    assert result(baidu, token, task_id)["task_result"]["status"] == "Queued"
+    done = wait_finished(baidu, token, task_id, running="Queued")
+    assert done["task_result"]["status"] == "Succeeded" and done["words_result_num"] == 1
+
+    baidu.config(failure_rate=1.0)
+    task_id = submit(baidu, token)["task_result"]["task_id"]
+    failed = wait_finished(baidu, token, task_id, running="Queued")
+    assert failed["task_result"]["status"] == "Error" and failed["task_result"]["reason"]
+    assert failed["words_result"] is None
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer_key", ["task_result", "result"])
+def test_a_malformed_accept_is_cut_off_after_the_task_id(baidu: EmulatorControl, token: str, answer_key: str) -> None:
+    baidu.config(submit_answer_key=answer_key, faults={"malformed_accept_rate": 1.0})
+    created_before = baidu.stats()["tasks"]["created"]
+    response = post(baidu, SUBMIT, token, submit_form())
+
+    assert response.status_code == 200
+    text = response.text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    cut = re.fullmatch(r'\{"error_code": ?0, ?"error_msg": ?"", ?"log_id": ?"\d+", ?"%s": ?\{"task_id": ?"(task-[a-z0-9]+)"' % answer_key, text)
+    assert cut is not None, text
+    task_id = cut.group(1)
+
+    # The task is real: it runs to its result and was counted as accepted.
+    baidu.config(faults={"malformed_accept_rate": 0.0})
+    assert wait_finished(baidu, token, task_id)["task_result"]["status"] == "Success"
+    stats = baidu.stats()
+    assert stats["endpoints"]["submit"]["accepted"] == 1 and stats["endpoints"]["submit"]["faults_injected"] == 1
+    assert stats["tasks"]["created"] == created_before + 1
