@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import redis
@@ -67,12 +68,52 @@ class Rate:
         return self.per / self.count
 
 
+class _RedisClock:
+    """Redis' clock as this process sees it, and how late grants reach us.
+
+    The offset is taken from the fastest of the recent round trips (the filter NTP uses): the
+    faster the round trip, the less its asymmetry can mislead. Lateness is how long after its
+    grant (by Redis' clock) an answer reaches this process; its recent 90th percentile is the
+    delay every grant is held to, so that all requests leave the same time after their grants.
+    """
+
+    def __init__(self, samples: int = 32) -> None:
+        self._lock = threading.Lock()
+        self._trips: deque[tuple[float, float]] = deque(maxlen=samples)  # (round trip, offset)
+        self._lateness: deque[float] = deque(maxlen=samples * 2)
+
+    def observe(self, asked: float, answered: float, redis_now: float) -> None:
+        with self._lock:
+            self._trips.append((answered - asked, redis_now - (asked + answered) / 2))
+
+    def local(self, redis_time: float) -> float:
+        """A Redis timestamp on this process' wall clock."""
+        with self._lock:
+            offset = min(self._trips)[1] if self._trips else 0.0
+        return redis_time - offset
+
+    def hold(self, lateness: float) -> float:
+        """Record one grant's lateness; return the delay after its grant at which a request leaves."""
+        with self._lock:
+            self._lateness.append(max(0.0, lateness))
+            ordered = sorted(self._lateness)
+        return ordered[int(0.9 * (len(ordered) - 1))] + 0.002
+
+
 class RateLimiter:
     """Grants requests from Redis-held sliding-window logs, one log per key.
 
     ``safety`` < 1 widens each window a little (1 s / 0.97 = 1.031 s), a margin for the
-    time between our grant and the provider's arrival stamp; ``spacing`` is the least gap
+    spread between our grants and the provider's arrival stamps; ``spacing`` is the least gap
     between two grants, as a fraction of the documented interval.
+
+    Why requests leave a fixed delay after their grant: with Redis a network hop away, a grant
+    reaches its caller a round trip later, and round trips vary. What the provider sees is the
+    grant times shifted by each request's delay, so only the *spread* of those delays eats the
+    margin. Every request is therefore held until its grant time (by Redis' clock, translated
+    to ours) plus the usual lateness; a grant that arrives later than that by more than a third
+    of the margin is given up and asked again. The usual lateness follows the network, so at
+    any distance nearly every grant is used: the limiter slows down with Redis, never stops.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:ratelog", safety: float = 1.0, spacing: float = 0.5) -> None:
@@ -82,12 +123,16 @@ class RateLimiter:
         self._spacing = spacing
         self._script = client.register_script(_SLIDING_LOG_LUA)
         self._gates: dict[str, threading.Lock] = {}
+        self._clock = _RedisClock()
+        self.late_grants = 0  # grants given up because they reached us too late (a metric, not an error)
 
     def try_acquire(self, key: str, rate: Rate) -> tuple[float, float]:
         """Take a grant if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
         window_us = max(1, int(rate.per / self._safety * 1_000_000))
         spacing_us = int(rate.interval() * self._spacing * 1_000_000)
+        asked = time.time()
         wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[rate.count, window_us, spacing_us])
+        self._clock.observe(asked, time.time(), int(now_us) / 1_000_000)
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
     def acquire(self, key: str, rate: Rate, *, max_wait: float, alone: bool = False) -> float:
@@ -112,22 +157,25 @@ class RateLimiter:
     def _acquire(self, key: str, rate: Rate, max_wait: float) -> float:
         deadline = time.monotonic() + max_wait
         while True:
-            asked = time.monotonic()
             wait, now = self.try_acquire(key, rate)
             if wait <= 0:
-                if time.monotonic() - asked <= self.stale_after(rate):
+                granted = self._clock.local(now)
+                leave = granted + self._clock.hold(time.time() - granted)
+                early = leave - time.time()
+                if early > 0:
+                    time.sleep(early)
+                    early = leave - time.time()
+                if -early <= self.tolerance(rate):
                     return now
-                # The answer came back late (a slow Redis, or this thread waited for a CPU):
-                # the request would leave well after its grant and could land in the same
-                # provider window as grants made after it. Spend the grant, ask again.
-                log.info("rate limit %s: grant reached us %.0f ms late; not used", key, (time.monotonic() - asked) * 1000)
+                self.late_grants += 1
+                log.info("rate limit %s: grant reached us %.0f ms late; asking again", key, -early * 1000)
                 continue
             if time.monotonic() + wait > deadline:
                 raise RateWait(key, wait)
             time.sleep(wait)
 
-    def stale_after(self, rate: Rate) -> float:
-        """The longest a grant may take to reach us: a third of the margin the widened window adds
+    def tolerance(self, rate: Rate) -> float:
+        """How far a request may leave behind its schedule: a third of the margin the widened window adds
         (the rest is for the way from here to the provider's clock)."""
         return rate.per * (1 / self._safety - 1) / 3 if self._safety < 1 else float("inf")
 
