@@ -6,9 +6,12 @@ Why these settings:
 - ``worker_prefetch_multiplier = 1``: a worker reserves as many messages as it has threads (plus
   the countdown tasks it holds), so a stalled worker strands little and the queues stay fair.
 - ``visibility_timeout`` (DOCPIPE_VISIBILITY_TIMEOUT): how long Redis waits for an ack before
-  re-delivering; a worker killed with -9 gets its tasks back after it. A task that waits with a
-  countdown holds its message unacked, so the tasks keep every countdown under a third of it
-  (a longer wait re-schedules again) and no message is re-delivered while its worker still has it.
+  re-delivering. It is only the backstop: a killed worker's jobs are re-driven by the reconciler
+  seconds after its heartbeat stops (``pipeline.reconcile``), and a copy the broker re-delivers
+  later is stale and does nothing (``pipeline.jobs``). A task that waits with a countdown holds
+  its message unacked, so every countdown is kept under a third of it.
+- socket timeouts on every broker connection: a Redis that vanished without closing the socket
+  fails a publish after seconds (and is retried) instead of hanging a worker thread for good.
 - events on, so Flower sees every task; task names are ``docpipe.<provider>.<stage>``.
 """
 
@@ -24,6 +27,8 @@ broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,
     "socket_keepalive": True,
+    "socket_timeout": _settings.redis_socket_timeout,
+    "socket_connect_timeout": _settings.redis_connect_timeout,
     "retry_on_timeout": True,
     # Priorities on Redis (0 is the highest): later stages go first, so a deep backlog of
     # new documents never starves the polls and archives of documents already submitted.

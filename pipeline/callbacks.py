@@ -1,18 +1,25 @@
-"""``docpipe callbacks``: where callback providers (tuputech) deliver results.
+"""``docpipe callbacks``: the receiver where callback providers (tuputech) deliver results.
 
-A callback is verified with the provider's public key before anything is kept: a forged
-one gets 403, a malformed one 400, and neither is stored. A valid one is stored once
-(``SET NX``: a duplicate or a retried delivery changes nothing), the document's
-concurrency lease is freed, and the answer goes back at once (the provider gives us 5 s).
-Freeing the lease on arrival is safe without any delay: a provider calls back only once it
-has finished processing the task, so the slot is already free on its side. The waiting
-chain finds the result at its next look into the store; no worker waits on a socket.
+A callback is kept only when everything about it agrees: the provider's signature, the job id
+in the path, the job id the provider echoes from the submit, and the task id recorded for that
+job (or, for a submit whose answer was lost, a task the job may have: it is adopted). It is
+stored under its provider task id, so a late callback of an earlier attempt can never stand in
+for the right one. Everything else is refused before any write (no trace in Redis or S3):
+a malformed job id, a body over the size cap, a bad signature, a timestamp outside the replay
+window, a nonce seen before.
+
+On acceptance the task's concurrency slot is freed at once (a provider calls back once it has
+finished, so the slot is free on its side too) and its processing time is noted: the longest
+recent one bounds how long a task without a callback keeps its slot. The answer goes back at
+once (the provider gives us 5 s); the waiting step finds the result at its next look.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,57 +30,107 @@ from starlette.routing import Route
 
 from pipeline import jobs, links
 from pipeline.providers import get_provider, provider_names
-from pipeline.providers.base import CallbackRejected
+from pipeline.providers.base import Callback, CallbackRejected, Provider
 from pipeline.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
 STORE_TTL = 14 * 24 * 3600
+PROCESSING_SAMPLES = 100
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def _key(provider: str, job_id: str) -> str:
-    return f"docpipe:callback:{provider}:{job_id}"
+def _key(provider: str, task_id: str) -> str:
+    return f"docpipe:callback:{provider}:{task_id}"
 
 
-def store(provider: str, job_id: str, payload: dict[str, Any]) -> bool:
-    """Keep a verified result; False when one was already kept (the first delivery wins)."""
-    text = json.dumps(payload, ensure_ascii=False)
-    return bool(get_runtime().redis.set(_key(provider, job_id), text, nx=True, ex=STORE_TTL))
+def _nonce_key(provider: str, nonce: str) -> str:
+    return f"docpipe:callback-nonce:{provider}:{nonce}"
 
 
-def load(provider: str, job_id: str) -> dict[str, Any] | None:
-    raw = get_runtime().redis.get(_key(provider, job_id))
+def processing_key(provider: Provider) -> str:
+    return f"docpipe:processing:{provider.lease_key()}"
+
+
+def load(provider: str, task_id: str) -> dict[str, Any] | None:
+    raw = get_runtime().redis.get(_key(provider, task_id))
     return None if raw is None else json.loads(raw)
 
 
-def forget(provider: str, job_id: str) -> None:
-    get_runtime().redis.delete(_key(provider, job_id))
+def forget(provider: str, task_id: str) -> None:
+    get_runtime().redis.delete(_key(provider, task_id))
+
+
+def longest_processing(provider: Provider) -> float | None:
+    """The longest time from submit to callback among the recent tasks, if any was seen."""
+    samples = get_runtime().redis.lrange(processing_key(provider), 0, PROCESSING_SAMPLES - 1)
+    return max((float(s) for s in samples), default=None)
 
 
 async def receive(request: Request) -> JSONResponse:
-    """``POST /callbacks/{provider}/{job_id}``; the Redis work runs in a thread, off the event loop."""
-    body = await request.body()
-    return await run_in_threadpool(handle, request.path_params["provider"], request.path_params["job_id"], body)
+    """``POST /callbacks/{provider}/{job_id}``: cheap refusals first, then the rest in a thread, off the event loop."""
+    name, job_id = request.path_params["provider"], request.path_params["job_id"]
+    if name not in provider_names() or not get_provider(name).uses_callbacks or not _JOB_ID.fullmatch(job_id):
+        return JSONResponse({"error": "not found"}, status_code=404)
+    cap = get_runtime().settings.callback_max_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        return JSONResponse({"error": "body too large"}, status_code=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            return JSONResponse({"error": "body too large"}, status_code=413)
+    return await run_in_threadpool(handle, name, job_id, bytes(body))
 
 
 def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
-    if name not in provider_names() or not get_provider(name).uses_callbacks:
-        return JSONResponse({"error": "unknown provider"}, status_code=404)
     provider = get_provider(name)
     try:
-        payload = provider.open_callback(body)
+        callback = provider.open_callback(body)
+        record = _check(provider, job_id, callback)
     except CallbackRejected as rejected:
-        log.warning("callback for %s/%s rejected (%d): %s", name, job_id, rejected.status, rejected.reason)
+        log.warning("callback for %s/%s refused (%d): %s", name, job_id, rejected.status, rejected.reason)
         return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
-    expected = jobs.read(get_runtime().redis, job_id).get("provider_task_id")
-    task_id = provider.callback_task_id(payload)
-    if expected and task_id != expected:
-        log.warning("callback for %s/%s names task %s, not %s: refused", name, job_id, task_id, expected)
-        return JSONResponse({"error": "task does not match the job"}, status_code=409)
-    first = store(name, job_id, payload)
-    # Stored before released: a worker that takes the freed slot never outruns the result.
+    _keep(provider, job_id, callback, record)
+    return JSONResponse({"message": "ok"})  # the seed's own example answer (001, 4.4)
+
+
+def _check(provider: Provider, job_id: str, callback: Callback) -> dict[str, str]:
+    """Every reason to refuse, before anything is written; the job's record when none applies."""
+    rt = get_runtime()
+    if callback.job_id != job_id:
+        raise CallbackRejected(403, "the job id the provider echoes is not the one in the path")
+    window = rt.settings.callback_replay_window
+    if callback.timestamp is None or abs(time.time() - callback.timestamp) > window:
+        raise CallbackRejected(403, f"timestamp outside the {window:.0f}s replay window")
+    if callback.nonce is None or rt.redis.exists(_nonce_key(provider.name, callback.nonce)):
+        raise CallbackRejected(409, "nonce seen before (a replay or a repeated delivery)")
+    record = jobs.read(rt.redis, job_id)
+    recorded = record.get("provider_task_id")
+    if recorded != callback.task_id and not (not recorded and record.get("sending_at")):
+        raise CallbackRejected(409, "not the task this job is waiting for")
+    return record
+
+
+def _keep(provider: Provider, job_id: str, callback: Callback, record: dict[str, str]) -> None:
+    """Store the result under its task, remember the nonce, adopt a task whose submit lost its answer,
+    note how long the task took, and free its slot: stored before freed, so a worker that takes
+    the slot never outruns the result."""
+    rt = get_runtime()
+    now = time.time()
+    submitted_at = float(record.get("submitted_at") or record.get("sending_at") or now)
+    pipe = rt.redis.pipeline()
+    pipe.set(_key(provider.name, callback.task_id), json.dumps(callback.payload, ensure_ascii=False), nx=True, ex=STORE_TTL)
+    pipe.set(_nonce_key(provider.name, callback.nonce or ""), "1", ex=int(2 * rt.settings.callback_replay_window))
+    if not record.get("provider_task_id"):
+        log.info("%s/%s: adopting task %s, named by its callback (its submit got no answer)", provider.name, job_id, callback.task_id)
+        pipe.hset(jobs.key(job_id), mapping={"provider_task_id": callback.task_id, "submitted_at": submitted_at})
+        pipe.hdel(jobs.key(job_id), "sending_at")
+    pipe.lpush(processing_key(provider), round(now - submitted_at, 3))
+    pipe.ltrim(processing_key(provider), 0, PROCESSING_SAMPLES - 1)
+    pipe.execute()
     provider.finished_at_provider(job_id)
-    return JSONResponse({"stored": first, "duplicate": not first})
 
 
 def health(request: Request) -> JSONResponse:

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
 
     # Infrastructure
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_socket_timeout: float = Field(
+        10.0, description="Seconds a Redis command may take: a Redis that vanished without closing the socket fails, not hangs."
+    )
+    redis_connect_timeout: float = 5.0
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     aws_access_key_id: SecretStr | None = None
@@ -57,6 +61,16 @@ class Settings(BaseSettings):
         15.0, description="Seconds a concurrency lease lives until the provider confirms the submit (a dead worker's lease frees this fast)."
     )
     transient_retries: int = 5
+    step_grace: float = Field(
+        30.0,
+        description="Seconds a step's message may be overdue, unclaimed with its queue empty, before the reconciler "
+        "sends it again (it was lost).",
+    )
+    step_stall: float = Field(600.0, description="Seconds a step may run under a live worker before it counts as stuck and is re-driven.")
+    backlog_grace: float = Field(
+        600.0, description="Seconds an unclaimed step may wait behind a queue backlog before it is taken for lost anyway."
+    )
+    reconcile_every: float = Field(5.0, description="Seconds between two passes of the reconciler (each worker runs it, one at a time).")
     visibility_timeout: int = Field(
         300,
         description="Seconds Redis waits for an ack before handing a message to another worker (a killed "
@@ -105,6 +119,14 @@ class Settings(BaseSettings):
     tuputech_public_key: str = ""  # PEM of Tuputech's key: verifies answers and callbacks
     tuputech_max_in_flight: int = 30
     tuputech_callback_rule: str | None = None
+    tuputech_callback_window: float = Field(
+        60.0,
+        description="Seconds over which tuputech retries a callback we did not take: 5 s timeout, 3 retries, "
+        "and pauses the seed does not give.",
+    )
+    tuputech_expected_processing: float = Field(
+        120.0, description="The longest processing assumed until one is seen (the seed gives no figure)."
+    )
     tuputech_page_index_base: Literal[0, 1] | None = Field(
         None,
         description="Where the callback's page indexes start. The seed's table says 1, its example shows 0; "
@@ -114,6 +136,10 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8090",
         description="The receiver (docpipe callbacks) as the providers reach it: callbacks arrive there, and "
         "tuputech downloads documents from its signed links.",
+    )
+    callback_max_bytes: int = Field(16 * 1024 * 1024, description="Largest callback body the receiver reads.")
+    callback_replay_window: float = Field(
+        900.0, description="A callback signed longer ago (or further ahead) than this is refused as a replay."
     )
     link_secret: SecretStr = Field(
         SecretStr(""),

@@ -224,6 +224,29 @@ class LocalStack:
         proc.kill() if hard else proc.stop()
         self.start_redis()
 
+    def start_netem(self, name: str, upstream_port: int, delay_ms: float = 0.0) -> int:
+        """A TCP delay line (``emulators.netem``) in front of ``upstream_port``; returns the port to use instead.
+
+        Controlled through ``netem(name, ...)``: a one-way delay in each direction, refused
+        connections for a while, dropped connections. The chaos benchmark puts Redis (for the
+        workers) and S3 behind one.
+        """
+        port, control = free_port(), free_port()
+        proc = self._spawn(
+            f"netem-{name}",
+            [sys.executable, "-m", "emulators.netem", "--listen-port", str(port), "--upstream-port", str(upstream_port),
+             "--delay-ms", str(delay_ms), "--control-port", str(control)],
+        )
+        self.ports[f"netem-{name}"], self.ports[f"netem-{name}-control"] = port, control
+        self._ready(proc, lambda: _http_ok(f"http://127.0.0.1:{control}/stats"), 20, f"delay line {name}")
+        return port
+
+    def netem(self, name: str, action: str, **body: Any) -> dict[str, Any]:
+        """``delay`` (``ms=``), ``refuse`` (``seconds=``) or ``drop`` on the delay line ``name``."""
+        response = httpx.post(f"http://127.0.0.1:{self.ports[f'netem-{name}-control']}/{action}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
     def start_s3(self) -> None:
         """moto's S3 server behind ``emulators.s3proxy``, which checks every request's signature,
         method included, as real S3 does (moto checks none): what S3 would refuse fails here too."""

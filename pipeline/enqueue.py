@@ -11,6 +11,7 @@ round trips, and done one after another they, not the providers, would pace a bi
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 from botocore.exceptions import ClientError
-from celery import chain
+from kombu.exceptions import KombuError
 
 from pipeline import jobs, storage
 from pipeline.models import Job, JobError, NormalizedResult
 from pipeline.providers import provider_class
 from pipeline.runtime import get_runtime
-from pipeline.stages import STAGE_PRIORITY, STAGES
 
 
 class DocumentFailedError(RuntimeError):
@@ -99,12 +100,11 @@ def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = 
     return Job(job_id=job_id, provider=provider, source=str(path), location=location, options=options), path
 
 
-def signature_for(job: Job) -> chain:
-    """The Celery chain stage → submit → await → fetch → archive, routed to the provider's queue."""
-    from workers.app import app  # the app is only needed to send; keep pipeline importable without it
+def publish_first(job: Job, msg: str) -> None:
+    """Send the job's first message (``stage``) on its provider's queue."""
+    from workers.tasks import publish  # the Celery app is only needed to send; keep pipeline importable without it
 
-    first, *rest = [app.signature(f"docpipe.{job.provider}.{name}", priority=STAGE_PRIORITY[name]) for name in STAGES]
-    return chain(first.clone(args=(job.model_dump(mode="json"),)), *rest)
+    publish("stage", job.model_dump(mode="json"), msg, 0.0)
 
 
 def enqueue(
@@ -114,37 +114,39 @@ def enqueue(
     *,
     retry_failed: bool = False,
 ) -> JobHandle:
-    """Send one document down its provider's chain; return a handle whose ``wait()`` gives the result.
+    """Send one document down its provider's steps; return a handle whose ``wait()`` gives the result.
 
     Already archived: nothing is sent and the handle answers at once. With ``retry_failed``
-    a document whose archive holds an ``error.json`` is sent again.
+    a document whose archive holds an ``error.json`` is sent again. A document whose steps
+    are still running is not sent twice: the handle follows the running job.
     """
     job, local_file = prepare(source, provider, options)
     rt = get_runtime()
     final = storage.finished(provider, job.job_id)
     if final == "result.json" or (final == "error.json" and not retry_failed):
         return JobHandle(job.job_id, provider, job.source, skipped=True)
+    if local_file is not None:
+        # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
+        storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
+    msg = str(uuid.uuid4())
+    payload = job.model_dump(mode="json")
+    if not rt.ledger.start(job.job_id, msg, "stage", payload, force=final == "error.json", provider=provider, source=job.source):
+        return JobHandle(job.job_id, provider, job.source)  # its steps are still running: one chain per job
     if final == "error.json":
         storage.s3_client().delete_object(
             Bucket=rt.settings.results_bucket, Key=storage.archive_prefix(provider, job.job_id) + "error.json"
         )
-        jobs.forget(rt.redis, job.job_id)
-    elif jobs.in_flight(rt.redis, job.job_id, stale_after=rt.settings.job_deadline):
-        return JobHandle(job.job_id, provider, job.source)  # its chain is still running: one chain per job
-    else:
-        # A record that stopped moving longer than a deadline ago belongs to a lost chain, whose
-        # provider task (if any) is past its deadline too: start clean rather than inherit it.
-        jobs.forget(rt.redis, job.job_id)
-    if local_file is not None:
-        # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
-        storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
-    jobs.record(rt.redis, job.job_id, state="queued", stage="queued", provider=provider, source=job.source)
-    signature_for(job).apply_async()
+    try:
+        publish_first(job, msg)
+    except Exception:
+        rt.ledger.abandon(job.job_id, msg)  # not sent: leave no record that would pass for a running job
+        raise
     return JobHandle(job.job_id, provider, job.source)
 
 
-# What one bad document can raise without saying anything about the others.
-DOCUMENT_ERRORS = (OSError, ValueError, ClientError)
+# What one document can raise without saying anything about the others: its own problems, and
+# a broker or Redis that refused this one publish (the next document may well get through).
+DOCUMENT_ERRORS = (OSError, ValueError, ClientError, KombuError, redis.RedisError)
 
 
 @dataclass(frozen=True)

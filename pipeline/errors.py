@@ -72,8 +72,39 @@ class BadInput(DocpipeError):
     retryable = False
 
 
+class OutcomeUnknown(DocpipeError):
+    """A submit left and no answer came back: the provider may have the task. Not sent again
+    automatically (that could bill it twice); a retry by hand can help."""
+
+    retryable = True
+
+
 class DeadlineExceeded(DocpipeError):
     retryable = True
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Redis, the broker or S3 refused or could not be reached: the document did nothing wrong.
+
+    Such failures are waited out (retried with backoff for as long as they last) instead of
+    counting against the document: a 30 s S3 outage or a Redis refusing writes must delay
+    documents, not fail them, and never lose one.
+    """
+    import redis
+    from botocore.exceptions import ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+    from kombu.exceptions import OperationalError
+
+    if isinstance(exc, (redis.RedisError, OperationalError, EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.get("Code") in OUTAGE_CODES or int(status or 0) >= 500
+    return False
+
+
+# S3's answers that mean "not now", not "not this request".
+OUTAGE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"})
 
 
 class RateWait(Exception):

@@ -16,6 +16,7 @@ import httpx
 import redis
 
 from pipeline.config import Settings, get_settings
+from pipeline.jobs import JobLedger
 from pipeline.limits import LeaseSemaphore, RateLimiter
 
 # httpx logs every request URL at INFO, and some providers put the access token in the
@@ -66,18 +67,32 @@ class Runtime:
     redis: redis.Redis
     limiter: RateLimiter
     leases: LeaseSemaphore
+    ledger: JobLedger
     http: httpx.Client
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """Every docpipe Redis connection has socket timeouts: a Redis that vanished (a failover, a
+    dropped NAT entry) fails the command after seconds instead of hanging a thread for good."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
 
 
 @BuiltOnce
 def get_runtime() -> Runtime:
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    client = redis_client(settings)
     return Runtime(
         settings=settings,
         redis=client,
         limiter=RateLimiter(client, safety=settings.limit_safety),
         leases=LeaseSemaphore(client),
+        ledger=JobLedger(client, grace=settings.step_grace, stall=settings.step_stall),
         http=httpx.Client(timeout=settings.http_timeout, limits=httpx.Limits(max_connections=20)),
     )
 

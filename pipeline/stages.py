@@ -15,7 +15,6 @@ import random
 import time
 from datetime import datetime, timezone
 
-import redis
 from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
@@ -25,18 +24,13 @@ from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import PollPolicy
 from pipeline.providers import get_provider
 from pipeline.runtime import get_runtime
+from pipeline.submission import Submission
 
 log = logging.getLogger(__name__)
 
 STAGES = ("stage", "submit", "await", "fetch", "archive")
 # Redis broker priority per stage (0 is served first): finish started documents before starting new ones.
 STAGE_PRIORITY = {"archive": 0, "fetch": 1, "await": 2, "submit": 3, "stage": 4}
-
-
-def already_final(job: Job) -> bool:
-    """The job's record says it ended and the archive agrees (the archive is the truth)."""
-    state = jobs.read(get_runtime().redis, job.job_id).get("state")
-    return state in ("done", "failed") and storage.finished(job.provider, job.job_id) is not None
 
 
 def work_prefix(job: Job) -> str:
@@ -103,60 +97,43 @@ def stage(job: Job) -> Job:
 
 
 def submit(job: Job) -> Job:
-    """Send the document once: a re-delivered submit finds the task id already recorded.
+    """Send the document once (see ``pipeline.submission`` for how an attempt is recorded).
 
-    Where the provider limits tasks in flight, the provider takes a lease right before its
-    request (``Provider.take_slot``) with a short TTL, so a worker that dies before sending
-    frees it within seconds. The moment the raw answer names a task, its id is recorded and
-    only then the lease lengthened to the document's deadline: the provider has the task from
-    that moment, so a Redis blip in between must not look like a free slot, and anything that
-    fails afterwards (an answer that does not verify or validate) fails the document with the
-    task id instead of sending it again. A refusal frees the slot at once.
+    A task id already recorded (an earlier attempt, or a callback that named it) is reused. A
+    request that left without an answer makes the outcome unknown: the provider module says
+    what is known (``Provider.unknown_outcome``), and by default the document fails rather
+    than be billed twice. An accepted task whose answer is unusable fails the document with
+    its task id, its slot kept until the provider is done with it.
     """
     rt = get_runtime()
     provider = get_provider(job.provider)
-    limit = provider.max_in_flight()
-    deadline = float(job.options.get("deadline", rt.settings.job_deadline))
     record = jobs.read(rt.redis, job.job_id)
-    if record.get("provider_task_id"):
-        log.info("%s: already accepted as %s; not submitting again", job.label(), record["provider_task_id"])
-        if limit:  # lengthen the lease if it is still held; never bring back a released one
-            rt.leases.extend(provider.lease_key(), job.job_id, deadline, only_if_held=True)
-        return job.model_copy(
-            update={"provider_task_id": record["provider_task_id"], "submitted_at": float(record.get("submitted_at") or time.time())}
-        )
-    # One submit at a time per job, even if two chains run for it (two ingests of one prefix).
-    guard = f"docpipe:submitting:{job.job_id}"
-    if not rt.redis.set(guard, "1", nx=True, ex=int(rt.settings.http_timeout * 2 + rt.settings.lease_max_wait)):
-        raise RateWait(guard, 2.0)
-    acceptance: dict[str, float | str] = {}
-
-    def accepted(task_id: str) -> None:
-        acceptance.update(task_id=task_id, at=time.time())
-        _remember_acceptance(job, task_id, float(acceptance["at"]))
-        if limit:
-            rt.leases.extend(provider.lease_key(), job.job_id, deadline)
-
+    task_id = record.get("provider_task_id")
+    if not task_id and record.get("sending_at"):
+        task_id = provider.unknown_outcome(job, float(record["sending_at"]))
+    if task_id:
+        log.info("%s: already accepted as %s; not submitting again", job.label(), task_id)
+        submitted_at = float(record.get("submitted_at") or record.get("sending_at") or time.time())
+        jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
+        return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at})
+    attempt = Submission(job, provider, rt)
     try:
-        task_id = provider.submit(job, accepted)
+        task_id = provider.submit(job, attempt)
     except Exception as exc:
-        rt.redis.delete(guard)
-        if acceptance:
-            # The provider has the task: fail the document with its id, keep the slot until the provider is done.
+        if attempt.task_id is not None:
             raise Permanent(
-                f"{job.label()}: the provider accepted task {acceptance['task_id']} but its answer is unusable "
+                f"{job.label()}: the provider accepted task {attempt.task_id} but its answer is unusable "
                 f"({_reason(exc)}); not sending the document again",
                 code="accepted_answer_invalid",
             ) from None
-        # An answer (even an error) means the provider did not take the task: free the slot now.
-        # A timeout may hide an accepted task, so that lease is left to expire with its grace.
-        if limit and getattr(exc, "code", None) != "timeout":
-            rt.leases.release(provider.lease_key(), job.job_id)
+        if attempt.outcome_unknown:
+            attempt.hold_slot()  # it may be running at the provider; the next attempt decides
+        else:
+            attempt.refused()
         raise
-    if not acceptance:  # a provider module that returned without reporting the acceptance
-        accepted(task_id)
-    rt.redis.delete(guard)
-    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": float(acceptance["at"]), "polls": 0})
+    if attempt.task_id is None:  # a provider module that returned without reporting the acceptance
+        attempt.accepted(task_id)
+    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": attempt.accepted_at, "polls": 0})
 
 
 def _reason(exc: BaseException) -> str:
@@ -166,24 +143,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return "unexpected answer shape at " + ", ".join(".".join(map(str, e["loc"])) for e in exc.errors(include_input=False)[:3])
     return type(exc).__name__
-
-
-def _remember_acceptance(job: Job, task_id: str, submitted_at: float, patience: float = 120.0) -> None:
-    """Record the provider's task id, insisting: the provider has accepted (and bills) the task,
-    so losing its id to a Redis blip would submit the document a second time on retry."""
-    rt = get_runtime()
-    deadline = time.monotonic() + patience
-    delay = 0.2
-    while True:
-        try:
-            jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
-            return
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s: accepted as %s but Redis is unreachable; retrying the record", job.label(), task_id)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 # --- await ---------------------------------------------------------------------------------

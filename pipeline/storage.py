@@ -34,7 +34,10 @@ def _client(endpoint: str | None, region: str, key_id: str | None, secret: str |
         region_name=region,
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4"),
+        # Timeouts so that an S3 that stopped answering fails a request instead of hanging a thread.
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4", connect_timeout=5, read_timeout=60
+        ),
     )
 
 

@@ -95,6 +95,27 @@ def tuputech(stack: LocalStack) -> Iterator[EmulatorControl]:
     yield from _emulator(stack, "tuputech")
 
 
+class RecordedSubmission:
+    """Stands in for ``pipeline.submission.Submission`` in unit tests: records what a provider reports."""
+
+    def __init__(self) -> None:
+        self.accepted_ids: list[str] = []
+        self.sent = False
+        self.answered = False
+
+    def take_slot(self) -> None:
+        pass
+
+    def sending(self) -> None:
+        self.sent = True
+
+    def not_sent(self) -> None:
+        self.sent = False
+
+    def accepted(self, task_id: str) -> None:
+        self.accepted_ids.append(task_id)
+
+
 def outcomes(handles, timeout: float = 240) -> list:
     """Each handle's result, or its ``DocumentFailedError``, waited for together."""
 

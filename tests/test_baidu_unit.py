@@ -13,6 +13,7 @@ from pipeline import sniff
 from pipeline.errors import AuthExpired, Permanent, RateLimited, Transient
 from pipeline.models import DocumentInfo, Job
 from pipeline.providers import baidu
+from tests.conftest import RecordedSubmission
 from tests.seeds import BAIDU_SEED, json_between, seed_text
 
 
@@ -119,7 +120,7 @@ def test_transport_failures_become_transient_without_the_url_or_token():
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
-    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), leases=None, http=httpx.Client(transport=httpx.MockTransport(refuse)))
+    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), leases=None, ledger=None, http=httpx.Client(transport=httpx.MockTransport(refuse)))
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings = runtime, settings
     request = runtime.http.build_request("POST", "http://baidu.invalid/x", params={"access_token": "TOKEN-SECRET"})
@@ -142,7 +143,7 @@ def _provider(handler) -> baidu.BaiduProvider:
     from pipeline.runtime import Runtime
 
     settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url="http://baidu.invalid", global_limits=False)
-    runtime = Runtime(settings=settings, redis=None, limiter=None, leases=None, http=httpx.Client(transport=httpx.MockTransport(handler)))
+    runtime = Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, http=httpx.Client(transport=httpx.MockTransport(handler)))
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings, provider._base, provider._credential = runtime, settings, settings.baidu_base_url, _Token()
     return provider
@@ -182,10 +183,10 @@ def test_submit_sends_both_spellings_of_the_file_name_and_reports_the_acceptance
         forms.append(request.read())
         return httpx.Response(200, text='{"error_code":0,"error_msg":"","log_id":"9","task_result":{"task_id":"task-z"')
 
-    accepted: list[str] = []
+    accepted = RecordedSubmission()
     with pytest.raises(Transient):
-        _provider(cut_short).submit(_job(), accepted.append)
-    assert accepted == ["task-z"]
+        _provider(cut_short).submit(_job(), accepted)
+    assert accepted.accepted_ids == ["task-z"]
     assert b"fileName=card.png" in forms[0] and b"file_name=card.png" in forms[0]
 
 

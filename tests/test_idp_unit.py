@@ -29,6 +29,8 @@ BASE = "http://idp.invalid"
 PASSWORD = "PW-SECRET-1"
 EXTRACT_ID = 10_000_001
 
+from tests.conftest import RecordedSubmission
+
 
 def located(page_no: int, bbox: list[float]) -> str:
     """``after_treatment`` as the platform sends it: JSON text."""
@@ -118,7 +120,7 @@ def make_provider(handler: Callable[[httpx.Request], httpx.Response], **settings
         idp_base_url=BASE, idp_username="alice", idp_password=PASSWORD, global_limits=False, idp_login_cooldown=7, **settings
     )
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    runtime = Runtime(settings=config, redis=None, limiter=None, leases=None, http=http)
+    runtime = Runtime(settings=config, redis=None, limiter=None, leases=None, ledger=None, http=http)
     provider = idp.IdpProvider(runtime)
     provider._credential = StubCredential()
     return provider
@@ -285,7 +287,7 @@ def test_failed_logins_raise_without_the_password(message, kind, code):
 
 def test_the_shared_login_cools_down_for_the_configured_time():
     settings = Settings(idp_login_cooldown=7, idp_username="alice")
-    provider = idp.IdpProvider(Runtime(settings=settings, redis=None, limiter=None, leases=None, http=httpx.Client()))
+    provider = idp.IdpProvider(Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, http=httpx.Client()))
     assert provider._credential._cooldown == 7
     assert "alice" not in provider._credential._key  # keyed by a fingerprint of the username
 
@@ -334,9 +336,9 @@ def test_submit_uploads_the_file_with_the_documented_query(monkeypatch):
         body = {"status": 200, "message": wire.TASK_CREATED, "ids": [EXTRACT_ID], "items": [item], "total": 1}
         return httpx.Response(200, json=body)
 
-    accepted: list[str] = []
-    task_id = make_provider(handler).submit(make_job(feature_type_id=9, language="zh"), accepted.append)
-    assert task_id == str(EXTRACT_ID) and accepted == [str(EXTRACT_ID)]
+    accepted = RecordedSubmission()
+    task_id = make_provider(handler).submit(make_job(feature_type_id=9, language="zh"), accepted)
+    assert task_id == str(EXTRACT_ID) and accepted.accepted_ids == [str(EXTRACT_ID)]
     (request,) = requests
     assert request.method == "POST" and request.url.path == "/api/extracting/v2/task"
     assert request.headers["authorization"] == "Bearer TOKEN-1"
@@ -356,25 +358,25 @@ def test_submit_without_options_uses_the_settings_and_the_image_file_type(monkey
         item = {"id": 5, "extract_task_id": 3, "origin_name": "a.png", "unique_name": "x.png"}
         return httpx.Response(200, json={"status": 200, "items": [item]})
 
-    make_provider(handler, idp_feature_type_id=4).submit(make_job("png"), lambda task_id: None)
+    make_provider(handler, idp_feature_type_id=4).submit(make_job("png"), RecordedSubmission())
     assert params[0]["feature_type_id"] == "4" and params[0]["file_types"] == "2" and "language" not in params[0]
 
 
 def test_an_oversized_upload_is_permanent_too_large(monkeypatch):
     monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key: b"%PDF-")
-    accepted: list[str] = []
+    accepted = RecordedSubmission()
     with pytest.raises(Permanent) as refused:
-        make_provider(lambda request: refusal(400, wire.OVER_LIMIT)).submit(make_job(), accepted.append)
-    assert refused.value.code == "too_large" and accepted == []
+        make_provider(lambda request: refusal(400, wire.OVER_LIMIT)).submit(make_job(), accepted)
+    assert refused.value.code == "too_large" and accepted.accepted_ids == []
 
 
 def test_an_accepted_answer_that_fails_validation_reports_its_extract_id_first(monkeypatch):
     monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key: b"%PDF-")
     body = {"status": 200, "ids": [EXTRACT_ID], "items": [{"id": EXTRACT_ID, "extract_task_id": 3}]}  # no origin/unique name
-    accepted: list[str] = []
+    accepted = RecordedSubmission()
     with pytest.raises(ValidationError):
-        make_provider(lambda request: httpx.Response(200, json=body)).submit(make_job(), accepted.append)
-    assert accepted == [str(EXTRACT_ID)]
+        make_provider(lambda request: httpx.Response(200, json=body)).submit(make_job(), accepted)
+    assert accepted.accepted_ids == [str(EXTRACT_ID)]
 
 
 @pytest.mark.parametrize(

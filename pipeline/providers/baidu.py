@@ -12,8 +12,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,6 +24,9 @@ from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, ExtractedField, Job, NormalizedResult
 from pipeline.providers.base import Fetched, PollOutcome, Provider, json_object
 from pipeline.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pipeline.submission import Submission
 
 TOKEN_PATH = "/oauth/2.0/token"
 SUBMIT_PATH = "/rest/2.0/solution/v1/iocr/recognise/universal/request"
@@ -274,13 +276,20 @@ class BaiduProvider(Provider):
     # -- one authenticated call -------------------------------------------------------------
 
     def _send_form(
-        self, endpoint: str, path: str, form: dict[str, str], *, max_wait: float | None = None, alone: bool = False
+        self,
+        endpoint: str,
+        path: str,
+        form: dict[str, str],
+        *,
+        max_wait: float | None = None,
+        alone: bool = False,
+        submission: Submission | None = None,
     ) -> httpx.Response:
         """POST a form with the shared token; on 110/111 refresh once (single flight) and resend."""
         token = self._credential.get()
         for attempt in (1, 2):
             request = self.rt.http.build_request("POST", self._base + path, params={"access_token": token}, data=form)
-            response = self.send(endpoint, request, max_wait=max_wait, alone=alone)
+            response = self.send(endpoint, request, max_wait=max_wait, alone=alone, submission=submission)
             if attempt == 1 and _error_code(response) in AUTH_CODES:
                 token = self._credential.invalidate(token)
                 continue
@@ -324,7 +333,7 @@ class BaiduProvider(Provider):
                 code="too_large",
             )
 
-    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
+    def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
         content = storage.read_object(doc.bucket, doc.key)
@@ -338,10 +347,10 @@ class BaiduProvider(Provider):
             form["templateSign"] = template
         if classifier:
             form["classifierId"] = classifier
-        response = self._send_form("submit", SUBMIT_PATH, form)
+        response = self._send_form("submit", SUBMIT_PATH, form, submission=submission)
         task_id = accepted_task_id(response.text)
         if task_id is not None:
-            accepted(task_id)
+            submission.accepted(task_id)
         body = json_object(response, "baidu submit")
         code = _error_code_of(body)
         if code:

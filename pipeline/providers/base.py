@@ -7,16 +7,20 @@ Celery tasks never change for it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import time
 
 import httpx
 
-from pipeline.errors import DocpipeError, RateLimited, Transient
+from pipeline.errors import DocpipeError, OutcomeUnknown, RateLimited, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, NormalizedResult
 from pipeline.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pipeline.submission import Submission
 
 
 @dataclass
@@ -70,13 +74,9 @@ class Provider(ABC):
     def lease_key(self) -> str:
         return f"{self.name}:{self.account()}"
 
-    def open_callback(self, body: bytes) -> dict[str, Any]:
+    def open_callback(self, body: bytes) -> Callback:
         """Verify and parse a callback body; raise ``CallbackRejected`` (forged or malformed)."""
         raise CallbackRejected(404, f"{self.name} does not call back")
-
-    def callback_task_id(self, payload: dict[str, Any]) -> str | None:
-        """The provider task id a verified callback is about (checked against the job's)."""
-        return None
 
     def take_token(self, endpoint: str, max_wait: float | None = None, *, alone: bool = False) -> None:
         """Every request to a limited endpoint goes through here first, retries included.
@@ -113,22 +113,33 @@ class Provider(ABC):
         request: httpx.Request,
         *,
         max_wait: float | None = None,
-        slot_for: Job | None = None,
         alone: bool = False,
+        submission: Submission | None = None,
     ) -> httpx.Response:
-        """Take a slot (``slot_for``: the request creates a provider task) and a rate token, then send.
+        """Take a rate token (and, for a ``submission``, a slot first), then send.
 
-        Transport failures become ``Transient`` without the URL in the message.
+        A submission is told right before the request leaves, and whether it got an answer:
+        a request whose connection was refused never left; one that timed out or lost its
+        connection after leaving may have been taken by the provider. Transport failures
+        become ``Transient`` without the URL in the message.
         """
-        if slot_for is not None:
-            self.take_slot(slot_for)
+        if submission is not None:
+            submission.take_slot()
         self.take_token(endpoint, max_wait, alone=alone)
+        if submission is not None:
+            submission.sending()
         try:
             response = self.rt.http.send(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            if submission is not None:
+                submission.not_sent()
+            raise Transient(f"{self.name} {endpoint}: could not connect ({type(exc).__name__})", code="connection") from None
         except httpx.TimeoutException as exc:
             raise Transient(f"{self.name} {endpoint}: timed out ({type(exc).__name__})", code="timeout") from None
         except httpx.TransportError as exc:
-            raise Transient(f"{self.name} {endpoint}: connection failed ({type(exc).__name__})", code="connection") from None
+            raise Transient(f"{self.name} {endpoint}: no answer ({type(exc).__name__})", code="no_answer") from None
+        if submission is not None:
+            submission.answered = True
         if response.status_code == 429:
             raise RateLimited(f"{self.name} {endpoint}: HTTP 429", retry_after=_retry_after(response), provider_code=429)
         if response.status_code >= 500:
@@ -142,13 +153,30 @@ class Provider(ABC):
         """Raise ``BadInput`` when the document breaks one of the provider's documented limits."""
 
     @abstractmethod
-    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
-        """Send the document; return the provider's task id.
+    def submit(self, job: Job, submission: Submission) -> str:
+        """Send the document (through ``send(..., submission=submission)``); return the provider's task id.
 
-        ``accepted(task_id)`` is called as soon as the raw answer names a task, before the
-        answer is verified or validated: from that moment the provider has the task (and
-        bills it), so whatever fails afterwards must fail the document, never send it again.
+        ``submission.accepted(task_id)`` is called as soon as the raw answer names a task,
+        before the answer is verified or validated: from that moment the provider has the task
+        (and bills it), so whatever fails afterwards must fail the document, never send it again.
         """
+
+    def unknown_outcome(self, job: Job, since: float) -> str | None:
+        """A submit of ``job`` left at ``since`` and no answer came back (a worker killed while it
+        was out, a timeout, a dropped connection): the provider may have the task.
+
+        Return its task id if the provider can tell, raise ``RateWait`` to look again later;
+        by default the document fails rather than be sent (and billed) a second time.
+        """
+        raise OutcomeUnknown(
+            f"{job.label()}: a submit sent at {time.strftime('%H:%M:%S', time.gmtime(since))} UTC got no answer; {self.name} "
+            "may have the task, so the document is not sent again (retry it once you know it is not there)",
+            code="submit_outcome_unknown",
+        )
+
+    def task_lifetime(self, job: Job) -> float:
+        """Seconds the provider may keep an accepted task: its concurrency slot is held this long at most."""
+        return float(job.options.get("deadline", self.settings.job_deadline))
 
     @abstractmethod
     def poll(self, job: Job) -> PollOutcome:
@@ -166,6 +194,18 @@ class Provider(ABC):
         """The provider is done with the job's task (its callback came): free its in-flight slot."""
         if self.max_in_flight():
             self.rt.leases.release(self.lease_key(), job_id)
+
+
+@dataclass(frozen=True)
+class Callback:
+    """A verified callback: which task, which job it says it is for (echoed from the submit), when and
+    with what nonce the provider signed it, and the payload itself."""
+
+    task_id: str
+    job_id: str | None
+    timestamp: float | None
+    nonce: str | None
+    payload: dict[str, Any]
 
 
 class CallbackRejected(Exception):

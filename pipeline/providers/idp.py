@@ -15,8 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import jwt
@@ -30,6 +29,9 @@ from pipeline.models import DocumentInfo, ExtractedField, Job, NormalizedResult,
 from pipeline.providers import idp_wire as wire
 from pipeline.providers.base import Fetched, PollOutcome, Provider, json_object
 from pipeline.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pipeline.submission import Submission
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,15 @@ class IdpProvider(Provider):
     # -- one authenticated call -------------------------------------------------------------
 
     def _exchange(
-        self, endpoint: str, method: str, path: str, *, max_wait: float | None = None, alone: bool = False, **kwargs: Any
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        *,
+        max_wait: float | None = None,
+        alone: bool = False,
+        submission: Submission | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
         """Send an API request with the shared token.
 
@@ -229,7 +239,7 @@ class IdpProvider(Provider):
         def attempt(token: str, prefix: str) -> httpx.Response:
             headers = {"Authorization": f"Bearer {token}"}
             request = self.rt.http.build_request(method, self._base + prefix + path, headers=headers, **kwargs)
-            return self.send(endpoint, request, max_wait=max_wait, alone=alone)
+            return self.send(endpoint, request, max_wait=max_wait, alone=alone, submission=submission)
 
         token = self._credential.get()
         prefix = self._prefix
@@ -264,7 +274,7 @@ class IdpProvider(Provider):
         if document.pages is not None and document.pages > MAX_PAGES:
             raise BadInput(f"{job.label()}: {document.pages} pages; idp accepts at most {MAX_PAGES}", code="too_large")
 
-    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
+    def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
         content = storage.read_object(doc.bucket, doc.key)
@@ -278,10 +288,15 @@ class IdpProvider(Provider):
         if language:
             params["language"] = language
         response = self._exchange(
-            "task", "POST", wire.TASK_PATH, params=params, files=[("files", (doc.filename, content, MIME_TYPES[doc.format]))]
+            "task",
+            "POST",
+            wire.TASK_PATH,
+            params=params,
+            files=[("files", (doc.filename, content, MIME_TYPES[doc.format]))],
+            submission=submission,
         )
         if response.status_code < 400 and (extract_id := accepted_extract_id(response.text)) is not None:
-            accepted(extract_id)
+            submission.accepted(extract_id)
         ids = wire.CreateTaskResponse.model_validate(_answer(response, "task")).extract_ids
         if not ids:
             # The platform may have accepted the file: sending it again could extract it twice.

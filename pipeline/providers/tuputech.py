@@ -13,16 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from typing import Any, ClassVar
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
 
 from pipeline import callbacks, links
-from pipeline.errors import BadInput, Permanent, ProviderError, Transient
+from pipeline.errors import BadInput, Permanent, ProviderError, RateWait, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, Moderation, NormalizedResult, PageText
-from pipeline.providers.base import CallbackRejected, Fetched, PollOutcome, Provider
+from pipeline.providers.base import Callback, CallbackRejected, Fetched, PollOutcome, Provider
 from pipeline.providers.tuputech_wire import (
     BUSINESS_CODES,
     MAX_DOC_BYTES,
@@ -38,6 +38,9 @@ from pipeline.providers.tuputech_wire import (
 )
 from pipeline.runtime import Runtime
 
+if TYPE_CHECKING:
+    from pipeline.submission import Submission
+
 SUPPORTED_FORMATS = {"pdf", "docx", "xlsx", "pptx", "doc", "ppt", "html", "txt"}
 SUGGESTIONS = {0: "pass", 1: "reject", 2: "review"}
 SUBMIT_TIMEOUT_S = 5.0
@@ -47,6 +50,7 @@ JOB_ID_KEY = "docpipeJob"  # our key in customInfo, echoed in the signed callbac
 # itself documents as a property of the document is 14, "文件错误" (line 56: a document over
 # 500 MB is answered with 14): the same file fails the same way, so 14 is not retried.
 PERMANENT_CODES = frozenset({14})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # 3.1: "字符串长度 24~128"; kept lenient, it becomes a Redis key
 _REQUEST_ID_IN_TEXT = re.compile(r'\\?"requestId\\?"\s*:\s*\\?"([A-Za-z0-9_-]{1,128})\\?"')
 
 
@@ -117,7 +121,7 @@ class TuputechProvider(Provider):
                 code="unverified_answer",
             ) from None
 
-    def open_callback(self, body: bytes) -> dict[str, Any]:
+    def open_callback(self, body: bytes) -> Callback:
         try:
             envelope = json.loads(body)
         except ValueError:
@@ -130,12 +134,38 @@ class TuputechProvider(Provider):
             raise CallbackRejected(403, str(exc)) from None
         except ValueError:
             raise CallbackRejected(400, "signed json does not parse") from None
-        if not isinstance(payload.get("requestId"), str) or not isinstance(payload.get("code"), int):
-            raise CallbackRejected(400, "callback without requestId/code")
-        return payload
+        request_id, code = payload.get("requestId"), payload.get("code")
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id) or not isinstance(code, int):
+            raise CallbackRejected(400, "callback without a well-formed requestId and code")
+        custom = payload.get("customInfo")
+        echoed = custom.get(JOB_ID_KEY) if isinstance(custom, dict) else None
+        timestamp, nonce = payload.get("timestamp"), payload.get("nonce")
+        return Callback(
+            task_id=request_id,
+            job_id=echoed if isinstance(echoed, str) else None,
+            timestamp=float(timestamp) if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None,
+            nonce=None if nonce is None else str(nonce),
+            payload=payload,
+        )
 
-    def callback_task_id(self, payload: dict[str, Any]) -> str | None:
-        return payload.get("requestId")
+    # -- how long a task may run without its callback -----------------------------------------
+
+    def callback_bound(self) -> float:
+        """Seconds after submit by which a task's callback must have come: 3 × the longest processing
+        seen recently (or the expected one, before any is seen) plus the window of the callback's retries."""
+        longest = callbacks.longest_processing(self) or self.settings.tuputech_expected_processing
+        return 3 * longest + self.settings.tuputech_callback_window
+
+    def task_lifetime(self, job: Job) -> float:
+        return min(super().task_lifetime(job), self.callback_bound())
+
+    def unknown_outcome(self, job: Job, since: float) -> str | None:
+        """A submit without an answer may still have made a task: its callback would name it (the
+        receiver adopts it). Wait for that until the callback bound, then give up as by default."""
+        left = since + self.callback_bound() - time.time()
+        if left > 0:
+            raise RateWait(f"tuputech:{job.job_id}:callback", min(left, 5.0))
+        return super().unknown_outcome(job, since)
 
     # -- the verbs ----------------------------------------------------------------------------
 
@@ -152,7 +182,7 @@ class TuputechProvider(Provider):
                 code="too_large",
             )
 
-    def submit(self, job: Job, accepted: Callable[[str], None]) -> str:
+    def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
         deadline = float(job.options.get("deadline", self.settings.job_deadline))
@@ -170,12 +200,12 @@ class TuputechProvider(Provider):
         path = SUBMIT_PATH.format(secret_id=self.settings.tuputech_secret_id.get_secret_value())
         # The seed advises a 1 s timeout; 5 s leaves room, and stays well inside the lease's grace.
         request = self.rt.http.build_request("POST", self._base + path, json=body, timeout=SUBMIT_TIMEOUT_S)
-        response = self.send("submit", request, slot_for=job)
+        response = self.send("submit", request, submission=submission)
         if response.status_code != 200:  # seed 2.4: a non-200 is retried
             raise Transient(f"tuputech submit: HTTP {response.status_code}", code="http_status", provider_code=response.status_code)
         request_id = accepted_request_id(response.text)
         if request_id is not None:
-            accepted(request_id)
+            submission.accepted(request_id)
         try:
             envelope = response.json()
         except ValueError:
@@ -186,17 +216,25 @@ class TuputechProvider(Provider):
         return answer.result.request_id
 
     def _callback(self, job: Job) -> dict[str, Any] | None:
-        """The stored callback for this job's task; one about another task (an earlier submit of the
-        same job, or a replay) is dropped and the wait goes on."""
-        payload = callbacks.load(self.name, job.job_id)
-        if payload is not None and payload.get("requestId") != job.provider_task_id:
-            callbacks.forget(self.name, job.job_id)
-            return None
-        return payload
+        """The stored callback of this job's task (stored under the task id: no other task's can stand in)."""
+        return callbacks.load(self.name, job.provider_task_id) if job.provider_task_id else None
 
     def poll(self, job: Job) -> PollOutcome:
         payload = self._callback(job)
         if payload is None:
+            waited = time.time() - (job.submitted_at or time.time())
+            bound = self.callback_bound()
+            if waited > bound:
+                # The task is long over at the provider: give its slot back, and say why the document ends.
+                self.finished_at_provider(job.job_id)
+                missing = Permanent(
+                    f"tuputech task {job.provider_task_id}: no callback {waited:.0f}s after submit (the bound is 3 x the "
+                    f"longest processing seen plus the callback retry window: {bound:.0f}s)",
+                    code="callback_missing",
+                )
+                missing.retryable = True
+                return PollOutcome(done=True, error=missing)
+            self.rt.leases.extend(self.lease_key(), job.job_id, max(1.0, bound - waited), only_if_held=True)
             return PollOutcome(done=False, detail="waiting for the callback")
         code = payload["code"]
         if code != 0:
@@ -245,7 +283,8 @@ class TuputechProvider(Provider):
 
     def finished(self, job: Job) -> None:
         super().finished(job)
-        callbacks.forget(self.name, job.job_id)
+        if job.provider_task_id:
+            callbacks.forget(self.name, job.provider_task_id)
 
 
 def page_index_base(parsed: CallbackResult, configured: int | None) -> int:

@@ -1,0 +1,150 @@
+"""Run one step of a job: claim it, run its stage, then hand the job to its next message or end it.
+
+docpipe links a document's steps itself instead of leaving it to a Celery chain. A chain
+publishes its next task after the task body has returned, outside the task: when that publish
+fails (Redis refusing writes, a broker blip) Celery records a failure and acknowledges the
+message, and the document is gone without a trace. Here the next message is published before
+the step returns, and a publish that fails is retried for as long as it fails, so the step's
+own message stays unacknowledged (and comes back if this worker dies) until its successor
+exists. Retries, polls and waits for a rate token are next messages like any other.
+
+Every step first claims the job (``JobLedger.claim``): a stale or duplicate message does
+nothing, so no step runs twice at once or after the job moved on. Nothing here needs Celery:
+``publish`` is given by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline import stages
+from pipeline.config import get_settings
+from pipeline.errors import AuthExpired, DocpipeError, RateLimited, RateWait, Transient, is_outage
+from pipeline.models import Job
+from pipeline.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Publish = Callable[[str, dict[str, Any], str, float], None]  # (step, payload, message id, countdown)
+
+# Failures worth retrying the same step for; others end the document (error.json says
+# whether re-running the whole document could help).
+RETRY_IN_PLACE = (Transient, RateLimited, AuthExpired)
+StageFn = Callable[[Job], tuple[Job, float | None]]
+
+
+def _once(fn: Callable[[Job], Job]) -> StageFn:
+    return lambda job: (fn(job), None)
+
+
+STAGE_FUNCTIONS: dict[str, StageFn] = {
+    "stage": _once(stages.stage),
+    "submit": _once(stages.submit),
+    "await": stages.await_result,
+    "fetch": _once(stages.fetch),
+    "archive": _once(stages.archive),
+}
+FOLLOWING = dict(zip(stages.STAGES, stages.STAGES[1:]))
+
+
+@dataclass(frozen=True)
+class Next:
+    """The job's next message: which step, with what job, how many seconds from now."""
+
+    stage: str
+    job: Job
+    countdown: float = 0.0
+
+
+def backoff(attempt: int, cap: float = 60.0) -> float:
+    return min(cap, 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def through_outage(action: Callable[[], T], what: str) -> T:
+    """Run ``action`` until Redis, the broker and S3 let it: an outage delays, it never loses the step."""
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            attempt += 1
+            delay = backoff(attempt, cap=15.0)
+            log.warning("%s: %s (%s); again in %.1fs", what, type(exc).__name__, str(exc)[:120], delay)
+            time.sleep(delay)
+
+
+def run_step(stage_name: str, payload: dict[str, Any], msg: str, *, publish: Publish, holder: str) -> str:
+    """Claim, run, hand on. Returns what happened (``stale``/``busy``/``ended``/``next <step>``), for logs."""
+    job = Job.model_validate(payload)
+    ledger = get_runtime().ledger
+    verdict = through_outage(lambda: ledger.claim(job.job_id, msg, holder), f"{job.label()}: claim")
+    if verdict != "ok":
+        log.info("%s: %s message %s for %s dropped", job.label(), verdict, msg, stage_name)
+        through_outage(lambda: ledger.release(job.job_id, msg, holder), f"{job.label()}: drop")
+        return verdict
+    step = execute(stage_name, job)
+    if step is None:
+        through_outage(lambda: ledger.finish(job.job_id, msg, holder), f"{job.label()}: finish")
+        return "ended"
+    next_msg = str(uuid.uuid4())
+    countdown = min(max(0.0, step.countdown), get_settings().visibility_timeout / 3)  # a longer wait re-schedules again
+    body = step.job.model_dump(mode="json")
+    handed = through_outage(
+        lambda: ledger.advance(job.job_id, msg, next_msg, step.stage, body, time.time() + countdown, holder),
+        f"{job.label()}: hand on",
+    )
+    if not handed:
+        log.info("%s: the job moved on while %s ran; %s not published", job.label(), stage_name, step.stage)
+        return "stale"
+    through_outage(lambda: publish(step.stage, body, next_msg, countdown), f"{job.label()}: publish {step.stage}")
+    return f"next {step.stage}"
+
+
+def execute(stage_name: str, job: Job) -> Next | None:
+    """Run the stage; say what comes next, or None when the document has ended (archived or failed)."""
+    settings = get_settings()
+    try:
+        job, delay = STAGE_FUNCTIONS[stage_name](job)
+    except RateWait as wait:
+        # Spread the re-tries: waking every refused task at the same instant only refuses them again.
+        return Next(stage_name, job, wait.delay + random.uniform(0.0, 0.5))
+    except DocpipeError as exc:
+        if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries):
+            retried = job.model_copy(update={"attempts": job.attempts + 1})
+            countdown = exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else backoff(job.attempts)
+            log.warning("%s: %s at %s; retry %d in %.1fs", job.label(), exc.code, stage_name, retried.attempts, countdown)
+            return Next(stage_name, retried, countdown)
+        return _end(job, stage_name, exc)
+    except Exception as exc:
+        if is_outage(exc):  # not the document's fault: wait it out, without counting an attempt
+            log.warning("%s: %s at %s (%s); the step waits", job.label(), type(exc).__name__, stage_name, str(exc)[:120])
+            return Next(stage_name, job, backoff(3, cap=30.0))
+        if job.attempts < settings.transient_retries:  # a bug or a failure we did not foresee: retry, then explain
+            log.exception("%s: unexpected error at %s", job.label(), stage_name)
+            return Next(stage_name, job.model_copy(update={"attempts": job.attempts + 1}), backoff(job.attempts))
+        return _end(job, stage_name, exc)
+    job = job.model_copy(update={"attempts": 0})  # the stage made progress: its failures start again
+    if delay is not None:
+        return Next(stage_name, job, delay)
+    following = FOLLOWING.get(stage_name)
+    return None if following is None else Next(following, job)
+
+
+def _retry_cap(exc: DocpipeError, transient_retries: int) -> int:
+    # A provider's "too fast" is expected under shared accounts: allow many more of those.
+    return transient_retries * 10 if isinstance(exc, RateLimited) else transient_retries
+
+
+def _end(job: Job, stage_name: str, exc: BaseException) -> None:
+    error = through_outage(lambda: stages.fail(job, stage_name, exc), f"{job.label()}: record its failure")
+    log.warning("%s: failed at %s: %s", job.label(), stage_name, error.message)
+    return None

@@ -1,0 +1,76 @@
+"""Which worker processes are alive, by a heartbeat in Redis.
+
+Why our own heartbeat: when a worker is killed, the messages it had received (running, or
+waiting for their countdown in its memory) stay unacknowledged in Redis until the broker's
+visibility timeout, 300 s later, and kombu's sweep can add another 100 s (409 s measured).
+A key that every live worker process refreshes every few seconds lets the reconciler tell
+within seconds that a holder is gone, and hand its jobs to live workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from functools import cache
+
+import redis
+
+from pipeline.jobs import HELD_PREFIX, WORKER_PREFIX
+
+log = logging.getLogger(__name__)
+
+BEAT_EVERY = 3.0  # seconds between two heartbeats
+BEAT_TTL = 15.0  # a worker silent this long is taken for dead
+
+
+@cache
+def holder_id() -> str:
+    """This process, as job records name the worker holding a step (host and pid: a restart is a new holder)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def alive(client: redis.Redis, holder: str) -> bool:
+    return bool(client.exists(f"{WORKER_PREFIX}{holder}"))
+
+
+def hold(client: redis.Redis, job_id: str, msg: str, holder: str | None = None) -> None:
+    """Note that this process has received ``msg`` (it may wait in memory for its countdown)."""
+    client.sadd(f"{HELD_PREFIX}{holder or holder_id()}", f"{job_id} {msg}")
+
+
+class Heartbeat:
+    """A daemon thread that keeps this process' heartbeat key alive until ``stop``."""
+
+    def __init__(self, client: redis.Redis, holder: str | None = None) -> None:
+        self._redis = client
+        self.holder = holder or holder_id()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="docpipe-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._redis.set(f"{WORKER_PREFIX}{self.holder}", str(time.time()), px=int(BEAT_TTL * 1000))
+
+    def _run(self) -> None:
+        while not self._stop.wait(BEAT_EVERY):
+            try:
+                self.beat()
+            except redis.RedisError as exc:  # Redis away or refusing writes: the next beat tries again
+                log.warning("heartbeat not written (%s)", type(exc).__name__)
+
+    def stop(self, *, forget: bool = True) -> None:
+        """Stop beating; ``forget`` also removes the key and the held set (a clean shutdown hands nothing over)."""
+        self._stop.set()
+        self._thread.join(BEAT_EVERY + 1)
+        if forget:
+            try:
+                self._redis.delete(f"{WORKER_PREFIX}{self.holder}", f"{HELD_PREFIX}{self.holder}")
+            except redis.RedisError:
+                pass

@@ -1,0 +1,95 @@
+"""One attempt to hand a document to its provider, and what is known of its outcome.
+
+A submit is the one request that must never be repeated once the provider has taken it: the
+provider bills every task it accepts. So the attempt records, in the job's record:
+- ``sending_at`` right before the request leaves (after its rate token and slot): from then
+  on the provider may have the task, whatever happens to this worker;
+- the provider's task id the moment the raw answer names it (``accepted``), before the answer
+  is verified or validated, and only then lengthens the concurrency lease;
+- nothing more when an answer says the provider refused, or the request never left (the
+  marker is cleared and the slot freed, so sending again is safe).
+
+A worker killed while its request was out, or an answer that never came (a read timeout, a
+connection reset), leaves ``sending_at`` without a task id: the outcome is unknown, and the
+next attempt asks the provider module what to do (``Provider.unknown_outcome``) instead of
+sending the document a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from pipeline import jobs
+from pipeline.models import Job
+from pipeline.providers.base import Provider
+from pipeline.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Submission:
+    def __init__(self, job: Job, provider: Provider, rt: Runtime) -> None:
+        self.job = job
+        self.provider = provider
+        self.rt = rt
+        self.task_id: str | None = None
+        self.accepted_at: float | None = None
+        self.sent = False  # the request may have reached the provider
+        self.answered = False  # an HTTP answer came back, whatever it said
+
+    def take_slot(self) -> None:
+        """Hold one of the account's in-flight slots (where the provider has a limit), right before sending."""
+        self.provider.take_slot(self.job)
+
+    def sending(self) -> None:
+        """The request leaves now. Recorded first: if the record cannot be written, nothing is sent."""
+        jobs.record(self.rt.redis, self.job.job_id, sending_at=time.time())
+        self.sent = True
+
+    def not_sent(self) -> None:
+        """The request never reached the provider (the connection was refused): as if never sent."""
+        self.sent = False
+
+    def accepted(self, task_id: str) -> None:
+        """The raw answer names a task: record it, insisting (losing it would bill the document twice),
+        then lengthen the slot to the time the provider may keep the task."""
+        self.task_id, self.accepted_at = task_id, time.time()
+        self._insist(
+            lambda: jobs.record(
+                self.rt.redis, self.job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=self.accepted_at
+            )
+        )
+        self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at")
+        self.hold_slot()
+
+    def hold_slot(self) -> None:
+        """Keep the slot for as long as the provider may hold the task (its callback can free it sooner)."""
+        if self.provider.max_in_flight():
+            self.rt.leases.extend(self.provider.lease_key(), self.job.job_id, self.provider.task_lifetime(self.job))
+
+    def refused(self) -> None:
+        """The provider answered without taking the task, or the request never left: free the slot and the marker."""
+        self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at")
+        if self.provider.max_in_flight():
+            self.rt.leases.release(self.provider.lease_key(), self.job.job_id)
+
+    @property
+    def outcome_unknown(self) -> bool:
+        return self.sent and not self.answered and self.task_id is None
+
+    def _insist(self, write, patience: float = 120.0) -> None:
+        deadline = time.monotonic() + patience
+        delay = 0.2
+        while True:
+            try:
+                write()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: accepted by the provider but Redis refuses the record; retrying", self.job.label())
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)

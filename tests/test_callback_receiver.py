@@ -1,0 +1,110 @@
+"""The callback receiver, over HTTP, on the session's Redis: only the right task's callback is kept.
+
+Job records are written here as ``submit`` leaves them; callbacks are signed with the
+emulator's key the way the provider signs them (tests.tuputech_signing), or forged.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+
+from pipeline import jobs
+from pipeline.providers import get_provider
+from pipeline.runtime import get_runtime
+from tests.tuputech_signing import generate_key_pair, seal
+
+
+@pytest.fixture
+def receiver(stack):
+    stack.activate()
+    return stack
+
+
+def _job() -> str:
+    return uuid.uuid4().hex
+
+
+def _payload(job_id: str, task_id: str, **changes) -> dict:
+    payload = {
+        "code": 0,
+        "requestId": task_id,
+        "docInfo": {"pages": 1, "images": 0, "textLength": 3},
+        "customInfo": {"docpipeJob": job_id},
+        "suggestion": 0,
+        "riskType": 0,
+        "pages": [],
+        "timestamp": int(time.time()),
+        "nonce": secrets.randbelow(10**10),
+    }
+    return {**payload, **changes}
+
+
+def _post(stack, job_id: str, body) -> httpx.Response:
+    url = f"{stack.env['DOCPIPE_CALLBACK_BASE_URL']}/callbacks/tuputech/{job_id}"
+    return httpx.post(url, **({"content": body} if isinstance(body, bytes) else {"json": body}), timeout=30)
+
+
+def _signed(stack, payload: dict) -> dict:
+    return seal(stack.tuputech_keys()["provider_private"], payload)
+
+
+def _traces(client: redis.Redis) -> dict[bytes, object]:
+    """Everything a callback can write: stored results, nonces, timings, leases, job records (the
+    workers' heartbeats and locks change on their own and say nothing about callbacks)."""
+    found: dict[bytes, object] = {}
+    for pattern in ("docpipe:callback*", "docpipe:processing:*", "docpipe:lease:*", "docpipe:job:*"):
+        for name in client.scan_iter(pattern, count=1000):
+            kind = client.type(name)
+            found[name] = client.hgetall(name) if kind == b"hash" else client.dump(name)
+    return found
+
+
+def test_the_right_tasks_callback_is_kept_once_frees_the_slot_and_is_timed(receiver):
+    rt, provider = get_runtime(), get_provider("tuputech")
+    job_id, task_id = _job(), secrets.token_hex(16)
+    jobs.record(rt.redis, job_id, provider_task_id=task_id, submitted_at=time.time() - 4)
+    assert rt.leases.try_acquire(provider.lease_key(), job_id, 30, 60)
+    body = _signed(receiver, _payload(job_id, task_id))
+    assert _post(receiver, job_id, body).status_code == 200
+    assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is not None
+    assert rt.leases.try_acquire(provider.lease_key(), "probe", 30, 1) and not rt.redis.zscore(f"docpipe:lease:{provider.lease_key()}", job_id)
+    assert float(rt.redis.lindex(f"docpipe:processing:{provider.lease_key()}", 0)) >= 4
+    again = _post(receiver, job_id, body)  # the provider retries a delivery, or someone replays it
+    assert again.status_code == 409
+
+
+def test_every_refusal_happens_before_any_write(receiver):
+    rt = get_runtime()
+    job_id, task_id = _job(), secrets.token_hex(16)
+    jobs.record(rt.redis, job_id, provider_task_id=task_id, submitted_at=time.time())
+    forger, _ = generate_key_pair()
+    before = _traces(rt.redis)
+    refusals = {
+        "forged": (job_id, seal(forger, _payload(job_id, task_id)), 403),
+        "not json": (job_id, b"not json", 400),
+        "not an envelope": (job_id, {"json": "{}"}, 400),
+        "malformed job id": ("../../etc", _signed(receiver, _payload(job_id, task_id)), 404),
+        "another job's echo": (job_id, _signed(receiver, _payload(_job(), task_id)), 403),
+        "replayed from long ago": (job_id, _signed(receiver, _payload(job_id, task_id, timestamp=int(time.time()) - 3600)), 403),
+        "an earlier attempt's task": (job_id, _signed(receiver, _payload(job_id, secrets.token_hex(16))), 409),
+        "over the size cap": (job_id, b"{" + b" " * (rt.settings.callback_max_bytes + 1) + b"}", 413),
+    }
+    for what, (path_job, body, status) in refusals.items():
+        assert _post(receiver, path_job, body).status_code == status, what
+    assert _traces(rt.redis) == before  # no trace of any of them
+    assert _post(receiver, job_id, _signed(receiver, _payload(job_id, task_id))).status_code == 200  # the right one still gets in
+
+
+def test_a_callback_adopts_the_task_of_a_submit_whose_answer_was_lost(receiver):
+    rt = get_runtime()
+    job_id, task_id = _job(), secrets.token_hex(16)
+    jobs.record(rt.redis, job_id, sending_at=time.time() - 2)
+    assert _post(receiver, job_id, _signed(receiver, _payload(job_id, task_id))).status_code == 200
+    record = jobs.read(rt.redis, job_id)
+    assert record["provider_task_id"] == task_id and "sending_at" not in record
