@@ -1,4 +1,4 @@
-"""``python -m emulators <provider> --port N [--config JSON] [--set key=value ...]``."""
+"""``python -m emulators <provider> --port N [--config JSON|@FILE] [--set key=value|key=@FILE ...]``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = json.loads(text)
     for item in args.set:
         key, _, value = item.partition("=")
+        if value.startswith("@") and Path(value[1:]).is_file():  # a key from a file (a compose secret)
+            settings[key] = Path(value[1:]).read_text()
+            continue
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:

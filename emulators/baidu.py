@@ -3,6 +3,25 @@
 Faithful to seed 002 and Baidu's public conventions: errors are HTTP 200 with
 ``error_code``; the per-account limits (submit 2 QPS, get_result 10 QPS) answer error 18;
 tokens expire and then answer 110/111; files are checked as Baidu documents them.
+A spurious limit fault answers the same error 18 to a request within the limit.
+
+One document can ask for a misbehaviour of its own, leaving the rest of a batch alone: a
+line ``EMULATE: <behaviour> [argument]`` in its recognised text (a PDF's text layer, a
+PNG's ``docpipe:text`` chunk; see ``emulators.documents``), read at submit:
+
+- ``EMULATE: error <code>``: the submit answers that ``error_code`` in the shape of the
+  seed's failure example (lines 82-88: ``error_code``, ``error_msg``, ``error_explain``,
+  ``log_id``, ``data: null``), the message from ``ERROR_MESSAGES`` or "Unknown error" for a
+  code it does not list. No task is created, nothing is accepted or billed.
+- ``EMULATE: fail [reason]``: the task is created and ends with ``failed_status`` and that
+  ``reason`` (without one, the usual 识别失败:文件内容无法识别).
+- ``EMULATE: not-json``: every get_result of the task answers HTTP 200 with an HTML page,
+  as a broken gateway does.
+- ``EMULATE: bad-shape``: every get_result of the task answers HTTP 200 JSON with
+  ``error_code`` 0 and no ``task_result``.
+
+Any other directive, or ``error`` without a non-zero integer, is ignored. Directed answers
+count in the statistics' ``directives`` and as ``faults_injected`` of their endpoint.
 
 The emulator reads seed 002 on its own (nothing here comes from ``pipeline``): it is the
 referee of the client, and a reading both shared could never be caught. Where the seed's
@@ -26,13 +45,12 @@ from urllib.parse import unquote_plus
 
 import httpx
 from PIL import Image
-from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from emulators.common import Emulator, EmulatorConfig
-from emulators.documents import analyse, box_for
+from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig
+from emulators.documents import analyse, box_for, directive, int_argument
 from emulators.formats import IMAGE_KINDS, SUFFIXES, kind_of
 
 # --- what seed 002 (and DESIGN.md's public notes) fix -----------------------------------------
@@ -68,6 +86,10 @@ ERROR_MESSAGES = {
     282003: "missing parameters",
     283016: "parameters value error",
 }
+UNKNOWN_ERROR = "Unknown error"  # Baidu's error 1, for a code the table above does not list
+FAILED_REASON = "识别失败:文件内容无法识别"
+# What a broken gateway answers with HTTP 200 (``EMULATE: not-json``).
+GATEWAY_PAGE = "<html><head><title>aip gateway</title></head><body><h1>Service Unavailable</h1><hr>bfe</body></html>"
 
 
 class Config(EmulatorConfig):
@@ -110,6 +132,8 @@ class Task:
     fmt: str
     template: str | None
     words: asyncio.Future | None = None  # the recognition, computed once in a thread after submit
+    reason: str = FAILED_REASON  # why a failing task failed
+    answer: str = ""  # a directed get_result answer: "not-json" or "bad-shape"
 
 
 def _clock_text(ts: float) -> str:
@@ -122,7 +146,7 @@ def _log_id() -> str:
 
 def _error(code: int, explain: str | None = None) -> JSONResponse:
     """Baidu answers errors with HTTP 200; the seed's failure example (82-88) adds explain and data."""
-    body: dict[str, Any] = {"error_code": code, "error_msg": ERROR_MESSAGES[code], "log_id": _log_id()}
+    body: dict[str, Any] = {"error_code": code, "error_msg": ERROR_MESSAGES.get(code, UNKNOWN_ERROR), "log_id": _log_id()}
     if explain:
         body.update(error_explain=explain, data=None)
     return JSONResponse(body)
@@ -159,13 +183,16 @@ class BaiduEmulator(Emulator):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.tokens: dict[str, tuple[str, float]] = {}  # token -> (account, expires_at)
+        self.tokens: dict[str, tuple[str, float, int]] = {}  # token -> (account, expires_at, token generation)
         self.tasks: dict[str, Task] = {}
 
     # -- OAuth ----------------------------------------------------------------------------
 
-    async def token(self, request: Request) -> JSONResponse:
+    async def token(self, request: Request) -> Response:
+        """OAuth can be dropped like any API call; Baidu's OAuth has no QPS answer, so no spurious limit."""
         self.arrive("token")
+        if self.inject("token", self.config.faults.drop_rate):
+            return DroppedConnection()
         params = dict(request.query_params)
         if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             params.update(_parse_form(await request.body())[0])
@@ -177,7 +204,8 @@ class BaiduEmulator(Emulator):
             return JSONResponse({"error": "invalid_client", "error_description": "Client authentication failed"}, 401)
         expires_in = self.config.token_expires_in
         token = f"24.{secrets.token_hex(16)}.{expires_in}.{int(time.time())}.282335-{secrets.randbelow(10**8)}"
-        self.tokens[token] = (params["client_id"], time.time() + expires_in)
+        now = time.time()
+        self.tokens[token] = (params["client_id"], now + expires_in, self.token_generation(now))
         self.accept("token")
         return JSONResponse(
             {
@@ -192,7 +220,7 @@ class BaiduEmulator(Emulator):
 
     async def expire_tokens(self, request: Request) -> JSONResponse:
         """Make every issued token stale at once, as if 30 days had passed."""
-        self.tokens = {t: (acct, 0.0) for t, (acct, _) in self.tokens.items()}
+        self.tokens = {t: (acct, 0.0, generation) for t, (acct, _, generation) in self.tokens.items()}
         return JSONResponse({"expired": len(self.tokens)})
 
     def snapshot(self) -> dict[str, Any]:
@@ -205,26 +233,37 @@ class BaiduEmulator(Emulator):
 
     # -- the API gate: auth, QPS, faults --------------------------------------------------
 
-    async def _gate(self, request: Request, endpoint: str, qps: float) -> tuple[str | None, JSONResponse | None]:
+    async def _gate(self, request: Request, endpoint: str, qps: float) -> tuple[str | None, Response | None]:
+        """Auth, then the QPS limit, then the faults.
+
+        The faults come after the limit, as behind Baidu's gateway: a dropped or spuriously
+        refused request has used its place in the window, so a client that resends it at
+        once, without pacing, is caught over the limit.
+        """
         stats = self.arrive(endpoint)
         token = request.query_params.get("access_token", "")
         known = self.tokens.get(token)
         if known is None:
             return None, _error(110)
-        account, expires_at = known
-        if time.time() >= expires_at:
+        account, expires_at, generation = known
+        now = time.time()
+        if now >= expires_at or generation != self.token_generation(now):
             return None, _error(111)
         if not self.window.allow(f"{account}:{endpoint}", qps):
             stats.limit_violations += 1
             return None, _error(18)
         faults = self.config.faults
+        if self.inject(endpoint, faults.drop_rate):
+            return None, DroppedConnection()
+        if self.inject(endpoint, faults.spurious_limit_rate):
+            return None, _error(18)  # the limit's own answer; counted as a fault, not a violation
         if self.roll(faults.http_5xx_rate):
             stats.faults_injected += 1
             return None, JSONResponse({"error": "bad gateway"}, status_code=self.rng.choice([500, 502, 503]))
         if self.roll(faults.internal_error_rate):
             stats.faults_injected += 1
             return None, _error(282000)
-        await self.maybe_slow(endpoint)
+        await self.maybe_slow(endpoint, request)
         return account, None
 
     # -- submit -----------------------------------------------------------------------------
@@ -265,8 +304,19 @@ class BaiduEmulator(Emulator):
                 return refusal
         if self.config.check_name_suffix and not _suffix_matches(name, kind):
             return _error(283016, "文件名称后缀需与文件实际类型一致")
+        behaviour, argument = await asyncio.to_thread(directive, data, kind) or ("", "")
+        code = int_argument(argument) if behaviour == "error" else None
+        if code:
+            self.directed("error", "submit")
+            return _error(code, f"文档指令 EMULATE: error {code}")
         task = self._create(account or "", data, kind, template)
+        if behaviour == "fail":
+            self.directed("fail")
+            task.fails, task.reason = True, argument or FAILED_REASON
+        elif behaviour in ("not-json", "bad-shape"):
+            task.answer = behaviour
         self.accept("submit")
+        await self.record_document(data)
         if self.malformed_accept("submit"):
             return self._cut_short(task.task_id)
         return JSONResponse(
@@ -319,7 +369,7 @@ class BaiduEmulator(Emulator):
             return 0 if ts is None else int(ts)
         return "" if ts is None else _clock_text(ts)
 
-    async def get_result(self, request: Request) -> JSONResponse:
+    async def get_result(self, request: Request) -> Response:
         account, refusal = await self._gate(request, "get_result", self.config.get_result_qps)
         if refusal is not None:
             return refusal
@@ -327,6 +377,12 @@ class BaiduEmulator(Emulator):
         task = self.tasks.get(fields.get("task_id", ""))
         if task is None or task.account != account:
             return _error(283016, "task_id不存在")
+        if task.answer == "not-json":
+            self.directed("not-json", "get_result")
+            return HTMLResponse(GATEWAY_PAGE, 200)
+        if task.answer == "bad-shape":
+            self.directed("bad-shape", "get_result")
+            return JSONResponse({"error_code": 0, "error_msg": "", "log_id": _log_id()})
         self.accept("get_result")
         now = time.time()
         done = now >= task.ready_at
@@ -344,7 +400,7 @@ class BaiduEmulator(Emulator):
             body["words_result"] = None
         elif task.fails:
             info["status"] = self.config.failed_status
-            info["reason"] = "识别失败:文件内容无法识别"
+            info["reason"] = task.reason
             body["words_result"] = None
         else:
             info["status"] = self.config.success_status
@@ -407,7 +463,7 @@ def _image_refusal(data: bytes) -> JSONResponse | None:
     return None
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config) -> EmulatorApp:
     emulator = BaiduEmulator(config)
     routes = [
         Route(OAUTH_ROUTE, emulator.token, methods=["POST", "GET"]),
@@ -416,6 +472,6 @@ def create_app(config: Config) -> Starlette:
         Route("/_emulator/expire_tokens", emulator.expire_tokens, methods=["POST"]),
         *emulator.control_routes(),
     ]
-    app = Starlette(routes=routes)
+    app = EmulatorApp(routes=routes)
     app.state.emulator = emulator
     return app

@@ -2,13 +2,15 @@
 limit, fault injection, and the ``/_emulator/*`` control routes.
 
 The statistics are the referee of the benchmarks: they count what arrived at the
-provider, by the provider's clock, whatever the client believes it sent.
+provider, by the provider's clock, whatever the client believes it sent; ``documents``
+counts what the provider accepted by content, so a document billed twice shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import random
 import threading
 import time
@@ -18,9 +20,11 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel
+from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 
 class FaultConfig(BaseModel):
@@ -34,6 +38,18 @@ class FaultConfig(BaseModel):
     # that carries the task id in a broken shape; each emulator says how (see its
     # ``malformed_answer``). Tests that a client records the id, or fails without resubmitting.
     malformed_accept_rate: float = 0.0
+    # The connection is closed with no HTTP answer at all, and the request is not processed. The
+    # client cannot tell this from an answer lost on the way back, so it must find out (or ask)
+    # before sending again. See ``DroppedConnection``.
+    drop_rate: float = 0.0
+    # The provider's own "too fast" answer to a request that is within its limit (each emulator
+    # says which answer, or that its seed documents none). Counted in ``faults_injected``, never in
+    # ``limit_violations``: a violation means the client really went over the limit.
+    spurious_limit_rate: float = 0.0
+    # Seconds (0: off): every token issued so far goes stale every this many seconds, as
+    # ``/_emulator/expire_tokens`` makes them; the boundaries count from when the setting took
+    # effect. Emulators without tokens ignore it.
+    token_expiry_every: float = 0.0
 
 
 class EmulatorConfig(BaseModel):
@@ -114,7 +130,10 @@ class Emulator:
         self.stats: dict[str, EndpointStats] = defaultdict(EndpointStats)
         self.window = SlidingWindowLimit()
         self.extra_stats: dict[str, Any] = {}
+        self.documents = DocumentCounts()
         self._client: httpx.AsyncClient | None = None
+        self._token_generation = 0
+        self._next_token_expiry = self._expiry_schedule(time.time())
 
     def http(self) -> httpx.AsyncClient:
         """One client for every outgoing request (downloads, callbacks), built on first use.
@@ -140,23 +159,76 @@ class Emulator:
         stats.accepted_at.append(time.time())
 
     def roll(self, probability: float) -> bool:
+        """A probability of 0 draws nothing, so a fault left off keeps every other draw as it was."""
         return probability > 0 and self.rng.random() < probability
+
+    def inject(self, endpoint: str, probability: float) -> bool:
+        """Roll a fault for this request; one that fires is counted as injected on ``endpoint``."""
+        if not self.roll(probability):
+            return False
+        self.stats[endpoint].faults_injected += 1
+        return True
 
     def malformed_accept(self, endpoint: str) -> bool:
         """Whether this accepted request gets a broken answer (``faults.malformed_accept_rate``).
 
         Counted as an injected fault, and still as accepted by the caller: the task exists.
         """
-        if not self.roll(self.config.faults.malformed_accept_rate):
-            return False
-        self.stats[endpoint].faults_injected += 1
-        return True
+        return self.inject(endpoint, self.config.faults.malformed_accept_rate)
 
-    async def maybe_slow(self, endpoint: str) -> None:
-        faults = self.config.faults
-        if self.roll(faults.slow_rate):
+    def directed(self, behaviour: str, endpoint: str | None = None) -> None:
+        """Count a document's directive obeyed (``EMULATE:``, see ``emulators.documents``).
+
+        The statistics' ``directives`` counts each behaviour every time it is applied; an
+        answer the directive changed on ``endpoint`` also counts there as an injected fault.
+        """
+        counts = self.extra_stats.setdefault("directives", {})
+        counts[behaviour] = counts.get(behaviour, 0) + 1
+        if endpoint is not None:
             self.stats[endpoint].faults_injected += 1
+
+    async def maybe_slow(self, endpoint: str, request: Request | None = None) -> None:
+        """Delay the answer; the request is processed afterwards, as by a slow backend.
+
+        The body is read before the wait: a client that gives up meanwhile disconnects, and a
+        body read after that would be lost (the server answers the read with a disconnect), so
+        the request would silently not be processed, which no slow backend does.
+        """
+        faults = self.config.faults
+        if self.inject(endpoint, faults.slow_rate):
+            if request is not None:
+                await request.body()
             await asyncio.sleep(faults.slow_seconds)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def _expiry_schedule(self, now: float) -> float | None:
+        every = self.config.faults.token_expiry_every
+        return now + every if every > 0 else None
+
+    def token_generation(self, now: float | None = None) -> int:
+        """How many periodic token expiries (``faults.token_expiry_every``) have passed.
+
+        A token is good only in the generation it was issued in. The boundaries are fixed
+        times, counted whenever asked: a token issued just after a boundary is never caught
+        by it, however late the emulator notices that the boundary passed.
+        """
+        now = time.time() if now is None else now
+        every = self.config.faults.token_expiry_every
+        if self._next_token_expiry is not None and every > 0 and now >= self._next_token_expiry:
+            passed = int((now - self._next_token_expiry) // every) + 1
+            self._token_generation += passed
+            self._next_token_expiry += passed * every
+        return self._token_generation
+
+    async def record_document(self, data: bytes) -> None:
+        """Count an accepted document by content (hashed off the loop when large: a 10 MB hash
+        takes the loop for milliseconds, and the loop stamps every arrival)."""
+        if len(data) > 1024 * 1024:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+        else:
+            digest = hashlib.sha256(data).digest()
+        self.documents.add(digest)
 
     def timelines(self) -> dict[str, Any]:
         """Time series an emulator keeps for the benchmarks (``GET /_emulator/stats?arrivals=1``)."""
@@ -166,11 +238,13 @@ class Emulator:
         self.stats.clear()
         self.window.reset()
         self.extra_stats.clear()
+        self.documents = DocumentCounts()
 
     # -- control routes --------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        return {"endpoints": {name: s.as_dict() for name, s in self.stats.items()}, **self.extra_stats}
+        endpoints = {name: s.as_dict() for name, s in self.stats.items()}
+        return {"endpoints": endpoints, **self.extra_stats, "documents": self.documents.as_dict()}
 
     async def _stats(self, request: Request) -> JSONResponse:
         payload = self.snapshot()
@@ -184,7 +258,14 @@ class Emulator:
         if request.method == "POST":
             changes = await request.json()
             merged = _deep_merge(self.config.model_dump(), changes)
-            self.config = type(self.config).model_validate(merged)
+            config = type(self.config).model_validate(merged)
+            now = time.time()
+            retimed = config.faults.token_expiry_every != self.config.faults.token_expiry_every
+            if retimed:
+                self.token_generation(now)  # the boundaries that passed under the old period still count
+            self.config = config
+            if retimed:
+                self._next_token_expiry = self._expiry_schedule(now)
         return JSONResponse(self.config.model_dump())
 
     async def _reset(self, request: Request) -> JSONResponse:
@@ -198,6 +279,97 @@ class Emulator:
             Route("/_emulator/reset", self._reset, methods=["POST"]),
             Route("/_emulator/health", lambda request: JSONResponse({"ok": True}), methods=["GET"]),
         ]
+
+
+@dataclass
+class DocumentCounts:
+    """Accepted submits by document content (sha256): a document accepted twice is billed twice."""
+
+    per_document: dict[bytes, int] = field(default_factory=dict)  # digest -> accepted submits
+    submitted: int = 0
+    most: int = 0
+
+    def add(self, digest: bytes) -> None:
+        count = self.per_document.get(digest, 0) + 1
+        self.per_document[digest] = count
+        self.submitted += 1
+        self.most = max(self.most, count)
+
+    def as_dict(self) -> dict[str, int]:
+        distinct = len(self.per_document)
+        return {"submitted": self.submitted, "distinct": distinct, "repeated": self.submitted - distinct, "max_per_document": self.most}
+
+
+# --- dropping a connection without an answer -------------------------------------------------
+
+DROP_SCOPE_KEY = "emulators.drop"
+
+
+class _DropSwitch:
+    """Set by ``DroppedConnection`` inside the app, read by ``EmulatorApp`` outside it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.body_read = False
+
+
+class DroppedConnection(Response):
+    """What a handler returns to have its connection closed with no answer at all.
+
+    Why not an exception or an empty return: Starlette's error middleware answers an
+    exception with a 500, and uvicorn answers an app that returns without a response with a
+    500; either is an answer, and a client that gets one knows the server saw its request.
+    This sends nothing and leaves the hanging-up to ``EmulatorApp``, outside those layers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=599)  # never sent; Refused and logs read a status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        switch = scope.get(DROP_SCOPE_KEY)
+        if not isinstance(switch, _DropSwitch):
+            raise TypeError("a dropped connection needs the app to be an EmulatorApp")
+        switch.requested = True
+
+
+class EmulatorApp(Starlette):
+    """A Starlette app that can hang up on a request, as a crashed backend or a cut link does.
+
+    ASGI has no message for "close without answering", so this reaches past it to the
+    server's transport: under uvicorn ``send`` is a method of the request cycle, which holds
+    the connection's transport. Closed after the whole request was read, the socket sends
+    a FIN (with unread bytes it would send a reset): httpx reports "Server disconnected
+    without sending a response".
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        switch = _DropSwitch()
+        scope[DROP_SCOPE_KEY] = switch
+
+        async def tracked() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                switch.body_read = True
+            return message
+
+        await super().__call__(scope, tracked, send)
+        if switch.requested:
+            await _hang_up(tracked, send, switch)
+
+
+async def _hang_up(receive: Receive, send: Send, switch: _DropSwitch) -> None:
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.BaseTransport):
+        raise TypeError("dropping a connection needs uvicorn (its request cycle's transport)")
+    while not switch.body_read:
+        await receive()
+    transport.close()
+    # Wait until the server has seen the connection go; otherwise it would answer 500 for us.
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,24 @@ tables and its examples disagree it answers as the examples do, and ``Config`` o
 tables' reading: the task, result and highlight routes live under ``api_prefix`` only
 (the examples call ``/extracting/...``, the URL tables ``/api/extracting/...``), and
 anything else answers the plain 404 of a web server.
+
+One document can ask for a misbehaviour of its own, leaving the rest of a batch alone: a
+line ``EMULATE: <behaviour> [argument]`` in its recognised text (a PDF's text layer, a
+PNG's ``docpipe:text`` chunk; see ``emulators.documents``), read when the file is uploaded:
+
+- ``EMULATE: refuse <message>``: the task creation answers HTTP 400
+  ``{"status": 400, "message": <message>}`` (the seed's own messages are
+  上传文件包含不合法文件,上传失败! and 文件大小或页数超过上限; without a message, the first).
+  As for any bad file, the whole upload is refused and no task is created.
+- ``EMULATE: fail <status>``: the extraction walks the documented steps and ends at that
+  failure status (2, 4 or 20001; any other integer is taken as written; without one, 2).
+- ``EMULATE: not-json``: the result endpoint answers the extract with HTTP 200 and an HTML
+  page, as a broken proxy does.
+- ``EMULATE: bad-shape``: the result endpoint answers the extract with HTTP 200 JSON
+  ``{"code": 200, "status": 200, "message": ...}`` and no ``item``.
+
+Any other directive is ignored. Directed answers count in the statistics' ``directives``
+and as ``faults_injected`` of their endpoint (``task`` or ``result``).
 """
 
 from __future__ import annotations
@@ -40,7 +58,6 @@ from reportlab.lib.pagesizes import A4
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
 from reportlab.pdfgen import canvas
-from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,8 +65,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from emulators.common import Emulator, EmulatorConfig
-from emulators.documents import PageContent, analyse, box_for
+from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig
+from emulators.documents import PageContent, analyse, box_for, directive, int_argument
 from emulators.formats import kind_of, suffix_for
 
 # --- what seed 000 fixes ----------------------------------------------------------------------
@@ -82,6 +99,9 @@ MSG_NO_SUCH_EXTRACT = "抽取记录不存在"
 MSG_EXPORT_OK = "导出成功"
 MSG_EXPORT_FAILED = "导出高亮文件失败"
 MSG_EXPORT_NOT_READY = "文档未抽取成功，无法导出"
+# Seed 000 documents no rate limit and no answer for one; ``faults.spurious_limit_rate`` needs
+# one, so it is the usual HTTP 429 in the error shape of the seed's tables.
+MSG_TOO_FAST = "请求过于频繁"
 
 # item.status, line 333, with its words.
 UNPROCESSED, TEXT_FAILED, TEXT_DONE, PRELABEL_FAILED, PRELABEL_DONE = 0, 2, 3, 4, 5
@@ -155,6 +175,10 @@ def _refuse(http_status: int, message: str) -> Refused:
     return Refused(JSONResponse({"status": http_status, "message": message}, status_code=http_status))
 
 
+# What a misconfigured front server answers with HTTP 200 in place of the API (``EMULATE: not-json``).
+BROKEN_PAGE = "<html><head><title>Welcome to nginx!</title></head><body><h1>Welcome to nginx!</h1></body></html>"
+
+
 def _proxy_page(code: int) -> HTMLResponse:
     """What the platform's front web server answers itself (a backend down, a path it does not route): HTML."""
     title = f"{code} {HTTPStatus(code).phrase}"
@@ -199,6 +223,7 @@ class Extract:
     created: float
     steps: list[tuple[float, int]]  # (time.time() the status starts, status)
     succeeds: bool  # whether the last step is this document's successful end
+    answer: str = ""  # a directed result answer: "not-json" or "bad-shape"
     pages: list[PageContent] | None = None  # analysed on first need
     highlight: bytes | None = None  # rendered on first download
     download_key: str | None = None
@@ -417,18 +442,23 @@ class IdpEmulator(Emulator):
     # -- the gate: faults, auth -------------------------------------------------------------
 
     async def _gate(self, request: Request, endpoint: str, failure_message: str, authenticate: bool = True) -> None:
-        """Count the arrival, then raise what a failing proxy, a bad token or a failing backend answers."""
+        """Count the arrival, then raise what a cut connection, a failing proxy, a bad token, a
+        (spurious: the seed has no limit) rate limit or a failing backend answers."""
         stats = self.arrive(endpoint)
         faults = self.config.faults
+        if self.inject(endpoint, faults.drop_rate):
+            raise Refused(DroppedConnection())
         if self.roll(faults.http_5xx_rate):
             stats.faults_injected += 1
             raise Refused(_proxy_page(self.rng.choice([502, 503, 504])))
         if authenticate and not self._authorized(request):
             raise _refuse(401, MSG_UNAUTHORIZED)
+        if self.inject(endpoint, faults.spurious_limit_rate):
+            raise _refuse(429, MSG_TOO_FAST)
         if self.roll(faults.internal_error_rate):
             stats.faults_injected += 1
             raise _refuse(500, failure_message)
-        await self.maybe_slow(endpoint)
+        await self.maybe_slow(endpoint, request)
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")  # lines 145, 275, 452
@@ -438,7 +468,8 @@ class IdpEmulator(Emulator):
             claims = jwt.decode(token.strip(), self.config.jwt_secret, algorithms=["HS256"])
         except jwt.InvalidTokenError:
             return False
-        return claims.get("type") == "access" and claims.get("epoch") == self.token_epoch
+        fresh = claims.get("epoch") == self.token_epoch and claims.get("generation") == self.token_generation()
+        return claims.get("type") == "access" and fresh
 
     def _token(self, kind: str, lifetime: float) -> str:
         now = time.time()
@@ -447,6 +478,7 @@ class IdpEmulator(Emulator):
             "username": self.config.username,
             "type": kind,
             "epoch": self.token_epoch,
+            "generation": self.token_generation(now),  # faults.token_expiry_every
             "jti": secrets.token_hex(8),
             "iat": int(now),
             "exp": int(now + lifetime),
@@ -515,8 +547,10 @@ class IdpEmulator(Emulator):
         except Refused as refusal:
             return refusal.response
         task_id = next(self.task_ids)
-        extracts = [self._new_extract(task_id, name, data, fmt, params) for name, data, fmt in documents]
+        extracts = [self._new_extract(task_id, name, data, fmt, params, found) for name, data, fmt, found in documents]
         self.accept("task")
+        for _, data, _, _ in documents:
+            await self.record_document(data)
         if not params.async_task:
             return await self._finish_sync(extracts[0])
         items = [self._task_item(e) for e in extracts]
@@ -526,8 +560,9 @@ class IdpEmulator(Emulator):
         body = {"ids": [e.id for e in extracts], "message": MSG_CREATED, "status": 200, "items": items, "total": len(extracts)}
         return JSONResponse(body)
 
-    async def _accept_file(self, upload: UploadFile) -> tuple[str, bytes, str]:
-        """The upload's name, bytes and format, or the documented refusal for a bad or oversized file."""
+    async def _accept_file(self, upload: UploadFile) -> tuple[str, bytes, str, tuple[str, str] | None]:
+        """The upload's name, bytes, format and directive, or the documented refusal for a bad or
+        oversized file (or one whose directive asks for a refusal)."""
         data = await upload.read()
         fmt = kind_of(data)
         if not data or fmt not in self.config.accepted_formats:
@@ -540,13 +575,23 @@ class IdpEmulator(Emulator):
             raise _refuse(400, MSG_BAD_FILE) from None
         if pages > self.config.max_pages:
             raise _refuse(400, MSG_TOO_BIG)
-        return upload.filename or f"document.{suffix_for(fmt)}", data, fmt
+        found = await asyncio.to_thread(directive, data, fmt)
+        if found is not None and found[0] == "refuse":
+            self.directed("refuse", "task")
+            raise _refuse(400, found[1] or MSG_BAD_FILE)
+        return upload.filename or f"document.{suffix_for(fmt)}", data, fmt, found
 
-    def _new_extract(self, task_id: int, name: str, data: bytes, fmt: str, params: TaskParams) -> Extract:
+    def _new_extract(
+        self, task_id: int, name: str, data: bytes, fmt: str, params: TaskParams, found: tuple[str, str] | None = None
+    ) -> Extract:
         now = time.time()
         duration = self.rng.uniform(self.config.processing_min, self.config.processing_max)
         succeeds = not self.roll(self.config.failure_rate)
         final = self.config.success_status if succeeds else self.rng.choice(self.config.failure_statuses)
+        behaviour, argument = found or ("", "")
+        if behaviour == "fail":
+            self.directed("fail")
+            succeeds, final = False, int_argument(argument) or TEXT_FAILED
         extract = Extract(
             id=next(self.extract_ids),
             task_id=task_id,
@@ -558,6 +603,7 @@ class IdpEmulator(Emulator):
             created=now,
             steps=plan(now, duration, final, succeeds),
             succeeds=succeeds,
+            answer=behaviour if behaviour in ("not-json", "bad-shape") else "",
         )
         self.extracts[extract.id] = extract
         return extract
@@ -608,6 +654,12 @@ class IdpEmulator(Emulator):
             extract = self._lookup(extract_id)
         except Refused as refusal:
             return refusal.response
+        if extract.answer == "not-json":
+            self.directed("not-json", "result")
+            return HTMLResponse(BROKEN_PAGE, 200)
+        if extract.answer == "bad-shape":
+            self.directed("bad-shape", "result")
+            return JSONResponse({"code": 200, "message": MSG_RESULT_OK, "status": 200})
         item = await self._item(extract, time.time())
         self.accept("result")
         return JSONResponse({"code": 200, "item": item, "message": MSG_RESULT_OK, "status": 200})
@@ -734,7 +786,7 @@ async def _uploads(request: Request) -> list[UploadFile]:
     return uploads
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config) -> EmulatorApp:
     emulator = IdpEmulator(config)
     routes = [
         Route(LOGIN_ROUTE, emulator.login, methods=["POST"]),
@@ -742,7 +794,7 @@ def create_app(config: Config) -> Starlette:
         Route("/_emulator/expire_tokens", emulator.expire_tokens, methods=["POST"]),
         *emulator.control_routes(),
     ]
-    app = Starlette(routes=routes)
+    app = EmulatorApp(routes=routes)
     app.router.default = emulator.unrouted  # the API routes, under whichever prefix is configured now
     app.state.emulator = emulator
     return app

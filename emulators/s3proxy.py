@@ -12,9 +12,13 @@ is answered 503 SlowDown (or 500 InternalError), as S3 does when it sheds load.
 ``python -m emulators.s3proxy --listen-port P --upstream http://127.0.0.1:M
 --access-key testing --secret-key testing [--region us-east-1]``
 
+It also counts, per object key, the writes S3 accepted (``GET /_proxy/writes``): the
+referee of "a result is archived once".
+
 Control routes (no signature needed): ``POST /_proxy/faults`` with
 ``{"mode": "ok" | "slowdown" | "error500", "seconds": N}``, ``GET /_proxy/stats``,
-``GET /_proxy/health``. Nothing here comes from ``pipeline``: a referee that shared the
+``GET /_proxy/writes?suffix=S[&bucket=B]`` (``{"keys": {key: writes}}``, ``DELETE`` clears
+it), ``GET /_proxy/health``. Nothing here comes from ``pipeline``: a referee that shared the
 client's reading of the protocol could never catch its mistakes.
 """
 
@@ -59,6 +63,9 @@ HOP_BY_HOP = frozenset(
      "transfer-encoding", "upgrade", "expect"}
 )
 FAULT_MODES = ("ok", "slowdown", "error500")
+# Object keys whose writes are counted; past it new keys are only counted as untracked (a
+# key and its count take ~200 bytes: 50 MB at most).
+MAX_WRITE_KEYS = 250_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -339,6 +346,54 @@ class Faults:
         return {"mode": mode, "remaining_seconds": remaining}
 
 
+def written_key(method: str, raw_path: bytes, raw_query: bytes) -> tuple[str, str] | None:
+    """``(bucket, key)`` when this request, answered 2xx, wrote an object's content; else None.
+
+    Writes are PutObject and CopyObject (a PUT to a key with no sub-resource) and
+    CompleteMultipartUpload (a POST with only ``uploadId``). A part upload, a tag or ACL
+    change is no write of the object. Query parameters of the signature (``X-Amz-*``) and
+    botocore's ``x-id`` name no sub-resource. Path-style addressing only, which is what a
+    client pointed at this proxy by endpoint URL uses.
+    """
+    if method not in ("PUT", "POST"):
+        return None
+    names = set()
+    for part in raw_query.split(b"&"):
+        name = unquote_to_bytes(part.partition(b"=")[0]).decode("utf-8", "replace")
+        if name and not name.lower().startswith("x-amz-") and name != "x-id":
+            names.add(name)
+    if (method, names) not in (("PUT", set()), ("POST", {"uploadId"})):
+        return None
+    bucket, _, key = unquote_to_bytes(raw_path).decode("utf-8", "replace").lstrip("/").partition("/")
+    if not bucket or not key or bucket == "moto-api":
+        return None
+    return bucket, key
+
+
+class WriteCounts:
+    """Successful writes per object key, bounded: keys past ``limit`` are counted in bulk only."""
+
+    def __init__(self, limit: int = MAX_WRITE_KEYS) -> None:
+        self.limit = limit
+        self.counts: dict[tuple[str, str], int] = {}
+        self.untracked = 0
+
+    def add(self, bucket: str, key: str) -> None:
+        where = (bucket, key)
+        if where in self.counts or len(self.counts) < self.limit:
+            self.counts[where] = self.counts.get(where, 0) + 1
+        else:
+            self.untracked += 1
+
+    def matching(self, suffix: str, bucket: str | None = None) -> dict[str, int]:
+        """Counts by key; without ``bucket``, a key written in several buckets sums them."""
+        found: dict[str, int] = {}
+        for (in_bucket, key), count in self.counts.items():
+            if key.endswith(suffix) and (bucket is None or in_bucket == bucket):
+                found[key] = found.get(key, 0) + count
+        return found
+
+
 class S3Proxy:
     """The routes and state of one proxy: verifier, upstream client, faults and counters."""
 
@@ -348,6 +403,7 @@ class S3Proxy:
         self.faults = Faults()
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        self.writes = WriteCounts()
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
@@ -388,6 +444,14 @@ class S3Proxy:
             "refusals_by_code": dict(self.refusals),
             "faults": self.faults.as_dict(),
         })
+
+    async def written(self, request: Request) -> JSONResponse:
+        if request.method == "DELETE":
+            self.writes = WriteCounts()
+            return JSONResponse({"cleared": True})
+        suffix = request.query_params.get("suffix", "")
+        keys = self.writes.matching(suffix, request.query_params.get("bucket"))
+        return JSONResponse({"keys": keys, "untracked_writes": self.writes.untracked})
 
     # -- S3 ----------------------------------------------------------------------------------------
 
@@ -454,6 +518,9 @@ class S3Proxy:
             log.warning("upstream failed for %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
             return S3Error(503, "ServiceUnavailable", "Service is unable to handle request.").response(request.method)
         self.counts["forwarded"] += 1
+        # S3 has committed a write once it answers 2xx (a 412 to a conditional PUT wrote nothing).
+        if 200 <= upstream.status_code < 300 and (where := written_key(request.method, raw_path, raw_query)):
+            self.writes.add(*where)
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -481,6 +548,7 @@ def create_app(
         routes=[
             Route("/_proxy/faults", proxy.set_faults, methods=["POST"]),
             Route("/_proxy/stats", proxy.stats, methods=["GET"]),
+            Route("/_proxy/writes", proxy.written, methods=["GET", "DELETE"]),
             Route("/_proxy/health", lambda request: JSONResponse({"ok": True}), methods=["GET"]),
             Route("/{path:path}", proxy.s3, methods=methods),
         ],

@@ -7,10 +7,25 @@ document is really downloaded from ``doc.url`` (HEAD for its size first); at mos
 ``max_in_flight`` tasks are processed at once and the rest wait in a queue, as the file
 interface does; the result is POSTed to ``doc.callback`` as ``{"json", "signature"}``
 signed with the emulator's own key, with a 5 s timeout and up to 3 retries. Per-page
-texts and extracted images are served at the URLs the result reports.
+texts and extracted images are served at the URLs the result reports. Callbacks can be
+lost, sent twice or sent late (``callback_*`` settings), as a real provider's may be.
 
 The verdict is derived from the content, never random: text containing
 ``reject_word`` is rejected, ``review_word`` sent to review, anything else passes.
+
+One document can ask for a misbehaviour of its own, leaving the rest of a batch alone: a
+line ``EMULATE: <behaviour> [argument]`` in the text of any page of the downloaded
+document, as the page model below reads it (see ``emulators.documents``):
+
+- ``EMULATE: code <n>``: the task's callback carries business code ``n`` (14, 100, or one
+  no table lists) in place of a verdict, shaped as any failure's callback (docInfo all 0,
+  no pages).
+- ``EMULATE: bad-shape``: the callback is signed and verifies and names its ``requestId``,
+  but its json has no ``docInfo`` and its ``pages`` is a string (the page list as JSON
+  text), not a list.
+
+Any other directive, or ``code`` without a non-zero integer, is ignored. Obeyed directives
+count in the statistics' ``directives``.
 
 Nothing here comes from ``pipeline``: the emulator is the client's referee and reads seed
 001 on its own (models, constants, RSA), so that a misreading cannot be shared by both.
@@ -44,13 +59,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pypdf import PdfReader
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from emulators.common import Emulator, EmulatorConfig, EndpointStats
-from emulators.documents import page_texts
+from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig, EndpointStats
+from emulators.documents import find_directive, int_argument, page_texts
 
 # --- what seed 001 (and DESIGN.md's public notes) fix -----------------------------------------
 
@@ -59,6 +73,7 @@ TRIAL_CONCURRENCY = 30  # 1: "在测试期间, 任务并发数为 30"
 DOCUMENT_CAP = 500 * 1024 * 1024  # 2.5 Doc.url 3: "文档大小须小于 500MB,超出时回调状态码 14"
 CALLBACK_SECONDS = 5.0  # 4.4: "回调超时时间 5 秒"
 CALLBACK_RESENDS = 3  # 4.4: "在 HTTP 响应状态码非 200 时进行重试,最多重试 3 次"
+DUPLICATE_AFTER = 1.0  # seconds from a delivered callback to its duplicate (``callback_duplicate_rate``)
 # 2.5 customInfo: "maxImages ... 取值范围为 [100, 10000] ,默认 1000", "maxTextLength ... [1000, 1000000] ,默认 10000".
 IMAGE_BUDGET = (1000, 100, 10_000)  # (default, lowest, highest)
 TEXT_BUDGET = (10_000, 1000, 1_000_000)
@@ -118,6 +133,12 @@ class Config(EmulatorConfig):
     callback_timeout: float = CALLBACK_SECONDS
     callback_retries: int = CALLBACK_RESENDS
     callback_retry_delay: float = 1.0
+    # Callback faults, each a probability per task. Dropped: the task is processed (and leaves
+    # the in-flight count) but its callback is never sent. Duplicated: after a delivered
+    # callback, the same signed callback is sent once more, DUPLICATE_AFTER seconds later.
+    callback_drop_rate: float = 0.0
+    callback_duplicate_rate: float = 0.0
+    callback_delay: float = 0.0  # seconds from the end of processing to the first delivery attempt
 
 
 # --- the submit as 2.5 describes it ------------------------------------------------------------
@@ -250,6 +271,8 @@ class Task:
     reason: str = ""  # why a task failed, kept here since the callback may carry no message
     callback_attempts: int = 0
     delivered: bool = False
+    callback_dropped: bool = False
+    duplicated: bool = False
 
 
 @dataclass
@@ -259,6 +282,8 @@ class Counters:
     callback_attempts: int = 0
     callback_failures: int = 0
     callbacks_abandoned: int = 0
+    callbacks_dropped: int = 0
+    callbacks_duplicated: int = 0
     max_in_flight_seen: int = 0
     max_processing_seen: int = 0
 
@@ -318,6 +343,12 @@ def document_pages(data: bytes, fmt: str, page_length: int) -> list[Page]:
     if fmt == "html":
         text = _html_text(text)
     return [Page(n, chunk) for n, chunk in enumerate(split_text(text, page_length), start=1)]
+
+
+def _read_document(data: bytes, fmt: str, page_length: int) -> tuple[list[Page], tuple[str, str] | None]:
+    """The pages and the document's directive, if any (in a thread: both read the whole document)."""
+    pages = document_pages(data, fmt, page_length)
+    return pages, find_directive(page.text for page in pages)
 
 
 def split_text(text: str, length: int) -> list[str]:
@@ -469,9 +500,9 @@ class TuputechEmulator(Emulator):
 
     # -- submit -----------------------------------------------------------------------------
 
-    async def submit(self, request: Request) -> JSONResponse:
+    async def submit(self, request: Request) -> Response:
         stats = self.arrive("submit")
-        fault = await self._fault(stats)
+        fault = await self._fault(stats, request)
         if fault is not None:
             return fault
         body = await request.body()
@@ -497,16 +528,20 @@ class TuputechEmulator(Emulator):
             result["callback"] = task.doc.callback
         return self._answer(0, result=result, forged=forged)
 
-    async def _fault(self, stats: EndpointStats) -> JSONResponse | None:
-        """Injected failures, as the other emulators do: a bare 5xx, a signed code 100, a slow answer."""
+    async def _fault(self, stats: EndpointStats, request: Request) -> Response | None:
+        """Injected failures, as the other emulators do: a cut connection, a bare 5xx, a signed
+        code 100, a slow answer. No spurious limit (``faults.spurious_limit_rate`` is ignored):
+        seed 001 documents a concurrency cap that queues tasks, and no "too fast" answer."""
         faults = self.config.faults
+        if self.inject("submit", faults.drop_rate):
+            return DroppedConnection()
         if self.roll(faults.http_5xx_rate):
             stats.faults_injected += 1
             return JSONResponse({"error": "bad gateway"}, status_code=self.rng.choice([500, 502, 503]))
         if self.roll(faults.internal_error_rate):
             stats.faults_injected += 1
             return self._answer(100)
-        await self.maybe_slow("submit")
+        await self.maybe_slow("submit", request)
         return None
 
     def _refusal(self, secret_id: str, as_sent: dict[str, Any], data: dict[str, Any]) -> tuple[int, str] | None:
@@ -584,11 +619,12 @@ class TuputechEmulator(Emulator):
     async def _run(self, task: Task) -> None:
         """Process, free the slot for the next queued task, then call back.
 
-        A task is in flight from its acceptance until the provider calls back: the seed
-        counts tasks "同时处理" (being processed), and a task whose result is being posted is
-        no longer processed. So the count drops just before the first callback attempt
-        leaves, and a client that frees its slot on receiving the callback can never be
-        seen above the limit, however fast it refills the slot.
+        A task is in flight from its acceptance until its processing ends: the seed counts
+        tasks "同时处理" (being processed), and a task whose result is being posted (or held
+        back, or lost) is no longer processed. So the count drops just before the first
+        callback attempt leaves (with no ``callback_delay``, with no await in between), and
+        a client that frees its slot on receiving the callback can never be seen above the
+        limit, however fast it refills the slot.
         """
         task.state = "processing"
         started = time.monotonic()
@@ -604,11 +640,19 @@ class TuputechEmulator(Emulator):
             self._pump()
         task.state = "delivering"
         body = json.dumps(self._sealed(result), ensure_ascii=False).encode()
-        self._set_in_flight(self.in_flight - 1)  # the first attempt leaves with no await in between
+        self._set_in_flight(self.in_flight - 1)
         try:
+            if self.roll(self.config.callback_drop_rate):
+                task.callback_dropped = True
+                self.counters.callbacks_dropped += 1
+                return
+            if self.config.callback_delay > 0:
+                await asyncio.sleep(self.config.callback_delay)
             await self._deliver(task, body)
         finally:
             task.state = "done"
+        if task.delivered and self.roll(self.config.callback_duplicate_rate):
+            self._spawn(self._deliver_again(task, body))
 
     async def _moderate(self, task: Task) -> dict[str, Any]:
         if task.fails:
@@ -616,10 +660,21 @@ class TuputechEmulator(Emulator):
         try:
             data = await self._download(task.doc.url)
             fmt = detect_format(data, task.doc.format)
-            pages = await asyncio.to_thread(document_pages, data, fmt, self.config.text_page_length)
+            pages, found = await asyncio.to_thread(_read_document, data, fmt, self.config.text_page_length)
         except FileError as exc:
             return self._failure(task, 14, str(exc))
-        return self._verdict(task, pages)
+        await self.record_document(data)
+        behaviour, argument = found or ("", "")
+        code = int_argument(argument) if behaviour == "code" else None
+        if code:
+            self.directed("code")
+            return self._failure(task, code, f"{CODE_MESSAGES.get(code, 'error')} (EMULATE: code {code})")
+        result = self._verdict(task, pages)
+        if behaviour == "bad-shape":
+            self.directed("bad-shape")
+            del result["docInfo"]
+            result["pages"] = json.dumps(result["pages"], ensure_ascii=False)
+        return result
 
     def _callback(self, task: Task, code: int, message: str, **rest: Any) -> dict[str, Any]:
         """A callback's json (4.5) in the 4.7 example's order; ``message`` only when configured (4.7 has none)."""
@@ -796,6 +851,21 @@ class TuputechEmulator(Emulator):
             self.counters.callback_failures += 1
         self.counters.callbacks_abandoned += 1
 
+    async def _deliver_again(self, task: Task, body: bytes) -> None:
+        """The delivered callback once more, as a provider that missed the first 200 resends it.
+
+        One attempt, counted apart from the task's own attempts: the benchmark asks how many
+        duplicates the client had to recognise, not whether the task was called back.
+        """
+        await asyncio.sleep(DUPLICATE_AFTER)
+        task.duplicated = True
+        self.counters.callbacks_duplicated += 1
+        headers = {"Content-Type": "application/json"}
+        try:
+            await self.http().post(str(task.doc.callback), content=body, headers=headers, timeout=self.config.callback_timeout)
+        except (httpx.HTTPError, httpx.InvalidURL):
+            pass
+
     # -- files the results point at, and control routes ---------------------------------------
 
     def _served(self, request: Request, endpoint: str, files: str, key: str) -> tuple[Any, Response | None]:
@@ -825,7 +895,13 @@ class TuputechEmulator(Emulator):
         task = self.tasks.get(request.path_params["request_id"])
         if task is None:
             return JSONResponse({"error": "unknown requestId"}, status_code=404)
-        state = {"state": task.state, "callback_attempts": task.callback_attempts, "delivered": task.delivered}
+        state = {
+            "state": task.state,
+            "callback_attempts": task.callback_attempts,
+            "delivered": task.delivered,
+            "callback_dropped": task.callback_dropped,
+            "duplicated": task.duplicated,
+        }
         return JSONResponse({**state, "reason": task.reason, "result": task.result})
 
     def snapshot(self) -> dict[str, Any]:
@@ -839,6 +915,8 @@ class TuputechEmulator(Emulator):
             callback_attempts=c.callback_attempts,
             callback_failures=c.callback_failures,
             callbacks_abandoned=c.callbacks_abandoned,
+            callbacks_dropped=c.callbacks_dropped,
+            callbacks_duplicated=c.callbacks_duplicated,
             max_in_flight_seen=c.max_in_flight_seen,
             max_processing_seen=c.max_processing_seen,
         )
@@ -858,7 +936,7 @@ def _int_header(value: str | None) -> int | None:
     return int(value) if value and value.strip().isdigit() else None
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config) -> EmulatorApp:
     emulator = TuputechEmulator(config)
     routes = [
         Route(SUBMIT_ROUTE, emulator.submit, methods=["POST"]),
@@ -868,6 +946,6 @@ def create_app(config: Config) -> Starlette:
         Route("/_emulator/tasks/{request_id}", emulator.task_state, methods=["GET"]),
         *emulator.control_routes(),
     ]
-    app = Starlette(routes=routes)
+    app = EmulatorApp(routes=routes)
     app.state.emulator = emulator
     return app

@@ -17,9 +17,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import requests
 from PIL import Image, PngImagePlugin
@@ -90,10 +91,10 @@ def token(baidu: EmulatorControl) -> str:
     return response.json()["access_token"]
 
 
-def card_png() -> bytes:
+def card_png(lines: list[str] = CARD_LINES) -> bytes:
     """A PNG whose text chunk the emulator "recognises": two key/value lines and a one-row table."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("docpipe:text", "\n".join(CARD_LINES))
+    info.add_text("docpipe:text", "\n".join(lines))
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), "white").save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -117,6 +118,13 @@ def submit(baidu: EmulatorControl, token: str, **form: str) -> dict[str, Any]:
 
 def result(baidu: EmulatorControl, token: str, task_id: str) -> dict[str, Any]:
     return post(baidu, GET_RESULT, token, {"task_id": task_id}).json()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
 
 
 def wait_finished(baidu: EmulatorControl, token: str, task_id: str, running: str = "Running") -> dict[str, Any]:
@@ -271,3 +279,69 @@ def test_a_malformed_accept_is_cut_off_after_the_task_id(baidu: EmulatorControl,
     stats = baidu.stats()
     assert stats["endpoints"]["submit"]["accepted"] == 1 and stats["endpoints"]["submit"]["faults_injected"] == 1
     assert stats["tasks"]["created"] == created_before + 1
+
+
+def test_a_dropped_request_gets_no_answer_and_creates_no_task(baidu: EmulatorControl, token: str) -> None:
+    """The connection is closed with nothing sent: a transport error, not a status, and no task."""
+    created_before = baidu.stats()["tasks"]["created"]
+    baidu.config(faults={"drop_rate": 1.0})
+    url = f"{baidu.base_url}{SUBMIT}"
+    with pytest.raises(httpx.TransportError):
+        httpx.post(url, params={"access_token": token}, data=submit_form(), timeout=10)
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{baidu.base_url}/oauth/2.0/token", params={"grant_type": "client_credentials"}, timeout=10)
+
+    stats = baidu.stats()
+    assert stats["tasks"]["created"] == created_before and stats["documents"]["submitted"] == 0
+    submit_stats, token_stats = stats["endpoints"]["submit"], stats["endpoints"]["token"]
+    assert (submit_stats["requests"], submit_stats["accepted"], submit_stats["faults_injected"]) == (1, 0, 1)
+    assert (token_stats["requests"], token_stats["accepted"], token_stats["faults_injected"]) == (2, 1, 1)  # 1: the fixture's
+    baidu.config(faults={"drop_rate": 0.0})
+    assert submit(baidu, token)["error_code"] == 0  # the emulator lives on; only that connection was cut
+
+
+def test_a_spurious_limit_answers_error_18_within_the_limit(baidu: EmulatorControl, token: str) -> None:
+    created_before = baidu.stats()["tasks"]["created"]
+    baidu.config(faults={"spurious_limit_rate": 1.0})
+    answer = submit(baidu, token)
+    assert answer["error_code"] == 18 and answer["error_msg"] == "Open api qps request limit reached"
+    stats = baidu.stats()
+    ends = stats["endpoints"]["submit"]
+    assert (ends["faults_injected"], ends["limit_violations"], ends["accepted"]) == (1, 0, 0)  # QPS here is 1000
+    assert stats["tasks"]["created"] == created_before
+
+
+def test_tokens_expire_every_period(baidu: EmulatorControl) -> None:
+    baidu.config(faults={"token_expiry_every": 1.0})
+    oauth = {"grant_type": "client_credentials", "client_id": API_KEY, "client_secret": SECRET_KEY}
+
+    def fresh_token() -> str:
+        return requests.post(f"{baidu.base_url}/oauth/2.0/token", params=oauth, timeout=10).json()["access_token"]
+
+    def code(token: str) -> int:
+        return result(baidu, token, "task-unknown")["error_code"]
+
+    old = fresh_token()
+    assert code(old) == 283016  # good: the task is what is unknown
+    wait_until(lambda: code(old) in (110, 111), 3, "the token's expiry")
+    assert code(old) == 111 and code(fresh_token()) == 283016
+
+
+def test_documents_count_accepted_submits_by_content(baidu: EmulatorControl, token: str) -> None:
+    other = base64.b64encode(card_png(["Name: Bob"])).decode()
+    for form in (submit_form(), submit_form(), submit_form(image=other)):
+        assert post(baidu, SUBMIT, token, form).json()["error_code"] == 0
+    assert submit(baidu, token, name="card.pdf")["error_code"] == 283016  # refused: not counted
+    assert baidu.stats()["documents"] == {"submitted": 3, "distinct": 2, "repeated": 1, "max_per_document": 2}
+    baidu.post("/_emulator/reset")
+    assert baidu.stats()["documents"] == {"submitted": 0, "distinct": 0, "repeated": 0, "max_per_document": 0}
+
+
+def test_a_slow_answer_is_still_processed_after_the_client_gave_up(baidu: EmulatorControl, token: str) -> None:
+    created_before = baidu.stats()["tasks"]["created"]
+    baidu.config(faults={"slow_rate": 1.0, "slow_seconds": 1.0})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{baidu.base_url}{SUBMIT}", params={"access_token": token}, data=submit_form(), timeout=0.3)
+    wait_until(lambda: baidu.stats()["tasks"]["created"] == created_before + 1, 5, "the slow submit's task")
+    ends = baidu.stats()["endpoints"]["submit"]
+    assert ends["accepted"] == 1 and ends["faults_injected"] == 1

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import requests
 from pypdf import PdfReader
@@ -54,6 +55,7 @@ ILLEGAL_FILE, OVER_LIMIT = "上传文件包含不合法文件,上传失败!", "�
 FAILED_STATUSES = {2, 4, 20001}  # 文本转换失败, 预标注失败, 文件检查失败
 # Not in the seed: the emulator's own words for what the seed leaves out.
 EXTRACT_NOT_FOUND, HIGHLIGHT_NOT_READY = "抽取记录不存在", "文档未抽取成功，无法导出"
+TOO_FAST = "请求过于频繁"  # the seed documents no limit: the emulator's 429 for a spurious one
 
 
 # --- fixtures and helpers -------------------------------------------------------------------
@@ -538,3 +540,69 @@ def test_a_malformed_accept_creates_the_task_and_drops_required_item_fields(idp:
     assert done["status"] == 5 and done["origin_name"] == "doc0.pdf" and done["unique_name"]
     stats = idp.stats()
     assert stats["endpoints"]["task"]["accepted"] == 1 and stats["endpoints"]["task"]["faults_injected"] == 1
+
+
+def test_a_dropped_request_gets_no_answer_and_creates_no_task(idp: EmulatorControl) -> None:
+    """The connection is closed with nothing sent: a transport error, not a status, and no task."""
+    headers = bearer(idp.base_url)
+    created_before = idp.stats()["tasks"]["created"]
+    idp.config(faults={"drop_rate": 1.0})
+    files = {"files": ("doc0.pdf", make_pdf(INVOICE_LINES), "application/pdf")}
+    params = {"async_task": True, "feature_type_id": 1}
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{idp.base_url}/extracting/v2/task", params=params, headers=headers, files=files, timeout=10)
+    with pytest.raises(httpx.TransportError):
+        httpx.post(f"{idp.base_url}/auth/login", json={"username": b64(USERNAME), "password": b64(PASSWORD)}, timeout=10)
+
+    stats = idp.stats()
+    assert stats["tasks"]["created"] == created_before and stats["documents"]["submitted"] == 0
+    task = stats["endpoints"]["task"]
+    assert (task["requests"], task["accepted"], task["faults_injected"]) == (1, 0, 1)
+    assert stats["endpoints"]["login"]["faults_injected"] == 1
+    idp.config(faults={"drop_rate": 0.0})
+    assert create_task(idp.base_url, headers, [make_pdf(INVOICE_LINES)]).status_code == 200
+
+
+def test_a_spurious_limit_answers_429_in_the_error_shape(idp: EmulatorControl) -> None:
+    headers = bearer(idp.base_url)
+    created_before = idp.stats()["tasks"]["created"]
+    idp.config(faults={"spurious_limit_rate": 1.0})
+    assert_error(create_task(idp.base_url, headers, [make_pdf(INVOICE_LINES)]), 429, TOO_FAST)
+    stats = idp.stats()
+    task = stats["endpoints"]["task"]
+    assert (task["faults_injected"], task["limit_violations"], task["accepted"]) == (1, 0, 0)
+    assert stats["tasks"]["created"] == created_before
+
+
+def test_tokens_expire_every_period(idp: EmulatorControl) -> None:
+    idp.config(faults={"token_expiry_every": 1.0})
+    unknown = f"{idp.base_url}/extracting/v2/1"
+    old = bearer(idp.base_url)
+    assert_error(requests.get(unknown, headers=old, timeout=10), 404, EXTRACT_NOT_FOUND)  # good: the id is what is unknown
+    wait_until(lambda: requests.get(unknown, headers=old, timeout=10).status_code == 401, 3, "the token's expiry")
+    assert requests.get(unknown, headers=old, timeout=10).json()["status"] == 401
+    assert_error(requests.get(unknown, headers=bearer(idp.base_url), timeout=10), 404, EXTRACT_NOT_FOUND)
+
+
+def test_documents_count_accepted_uploads_by_content(idp: EmulatorControl) -> None:
+    headers = bearer(idp.base_url)
+    invoice, other = make_pdf(INVOICE_LINES), make_pdf(["Something else: entirely"])
+    assert create_task(idp.base_url, headers, [invoice]).status_code == 200
+    assert create_task(idp.base_url, headers, [invoice, other]).status_code == 200  # each file is a document
+    assert create_task(idp.base_url, headers, [b"just some text"]).status_code == 400  # refused: not counted
+    assert idp.stats()["documents"] == {"submitted": 3, "distinct": 2, "repeated": 1, "max_per_document": 2}
+    idp.post("/_emulator/reset")
+    assert idp.stats()["documents"] == {"submitted": 0, "distinct": 0, "repeated": 0, "max_per_document": 0}
+
+
+def test_a_slow_answer_is_still_processed_after_the_client_gave_up(idp: EmulatorControl) -> None:
+    headers = bearer(idp.base_url)
+    created_before = idp.stats()["tasks"]["created"]
+    idp.config(faults={"slow_rate": 1.0, "slow_seconds": 1.0})
+    files = {"files": ("doc0.pdf", make_pdf(INVOICE_LINES), "application/pdf")}
+    params = {"async_task": True, "feature_type_id": 1}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{idp.base_url}/extracting/v2/task", params=params, headers=headers, files=files, timeout=0.3)
+    wait_until(lambda: idp.stats()["tasks"]["created"] == created_before + 1, 5, "the slow task")
+    task = idp.stats()["endpoints"]["task"]
+    assert task["accepted"] == 1 and task["faults_injected"] == 1

@@ -317,3 +317,32 @@ def test_internal_errors_until_switched_off(proxied: ProxiedS3, s3: BaseClient) 
     assert _code(failed) == "InternalError" and failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
     assert proxied.faults("ok")["mode"] == "ok"
     s3.list_objects_v2(Bucket=BUCKET)
+
+
+# --- the writes referee ----------------------------------------------------------------------------
+
+
+def test_writes_are_counted_per_key_and_a_refused_conditional_put_is_none(proxied: ProxiedS3, s3: BaseClient) -> None:
+    prefix = f"writes-{time.time_ns()}"
+    twice, copied, assembled = f"{prefix}/twice/result.json", f"{prefix}/copied/result.json", f"{prefix}/parts/result.json"
+    s3.put_object(Bucket=BUCKET, Key=twice, Body=b'{"n": 1}')
+    s3.put_object(Bucket=BUCKET, Key=twice, Body=b'{"n": 2}')
+    with pytest.raises(ClientError) as refused:
+        s3.put_object(Bucket=BUCKET, Key=twice, Body=b'{"n": 3}', IfNoneMatch="*")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/first/result.json", Body=b"{}", IfNoneMatch="*")  # a new key: written
+    s3.copy_object(Bucket=BUCKET, Key=copied, CopySource={"Bucket": BUCKET, "Key": twice})
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key=assembled)["UploadId"]
+    part = s3.upload_part(Bucket=BUCKET, Key=assembled, UploadId=upload, PartNumber=1, Body=b"{}")
+    s3.complete_multipart_upload(Bucket=BUCKET, Key=assembled, UploadId=upload,
+                                 MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/other.txt", Body=b"not a result")
+    s3.put_object_tagging(Bucket=BUCKET, Key=twice, Tagging={"TagSet": [{"Key": "k", "Value": "v"}]})  # no content written
+
+    keys = httpx.get(f"{proxied.endpoint}/_proxy/writes", params={"suffix": "result.json"}).json()["keys"]
+    mine = {key: count for key, count in keys.items() if key.startswith(prefix)}
+    assert mine == {twice: 2, f"{prefix}/first/result.json": 1, copied: 1, assembled: 1}
+    in_bucket = httpx.get(f"{proxied.endpoint}/_proxy/writes", params={"suffix": "other.txt", "bucket": BUCKET}).json()
+    assert in_bucket["keys"][f"{prefix}/other.txt"] == 1 and in_bucket["untracked_writes"] == 0
+    elsewhere = httpx.get(f"{proxied.endpoint}/_proxy/writes", params={"suffix": "other.txt", "bucket": "no-such-bucket"})
+    assert elsewhere.json()["keys"] == {}
