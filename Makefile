@@ -13,6 +13,11 @@ setup: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@# docker-compose (Debian's) validates docker-compose.yml in the tests; it needs no engine.
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || { \
+	  echo "installing docker-compose (apt), to validate docker-compose.yml"; \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-compose >/dev/null 2>&1; } || \
+	  echo "docker-compose could not be installed: the compose test will be skipped"; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +28,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/docpipe demo $(ARGS)
 
+# The end-to-end tests mostly wait on real processes: three xdist workers, each with its own
+# local stack, keep the two cores busy (tests that must share a stack are grouped).
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 3 --dist loadgroup $(ARGS)
 
 bench: setup
 	$(PY) -m bench.rate_limits $(ARGS)

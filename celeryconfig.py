@@ -23,6 +23,7 @@ from pipeline.providers import provider_names
 _settings = get_settings()
 
 broker_url = _settings.redis_url
+broker_transport = "workers.transport:Transport"  # kombu's Redis transport, safe when Redis drops the connection
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout,

@@ -1,13 +1,16 @@
 """docpipe: documents through OCR, extraction and moderation providers, inside their limits.
 
-    from pipeline import enqueue, enqueue_many
-    handle = enqueue("invoice.pdf", provider="baidu")
-    result = handle.wait(timeout=300)
+    import pipeline
+    batch = pipeline.ingest("s3://inbox/scans/", provider="baidu")   # a named batch, listed page by page
+    print(batch.name, batch.status().counts)
+    for handle, result in batch.results():                            # as each document ends
+        print(handle.source, result)
 
-    for sent in enqueue_many(paths, provider="tuputech"):   # a batch, 8 at a time
-        print(sent.source, sent.handle or sent.error)
+    handle = pipeline.enqueue("invoice.pdf", provider="baidu")        # one document
+    result = handle.wait(timeout=300)
 """
 
+from pipeline.batches import Batch, ingest
 from pipeline.enqueue import DocumentFailedError, Enqueued, JobHandle, enqueue, enqueue_many
 
-__all__ = ["DocumentFailedError", "Enqueued", "JobHandle", "enqueue", "enqueue_many"]
+__all__ = ["Batch", "DocumentFailedError", "Enqueued", "JobHandle", "enqueue", "enqueue_many", "ingest"]

@@ -16,11 +16,19 @@ once (the provider gives us 5 s); the waiting step finds the result at its next 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+import redis
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -92,7 +100,15 @@ def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
     except CallbackRejected as rejected:
         log.warning("callback for %s/%s refused (%d): %s", name, job_id, rejected.status, rejected.reason)
         return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
-    _keep(provider, job_id, callback, record)
+    except redis.RedisError:  # cannot even read: let the provider retry
+        return JSONResponse({"error": "busy, retry"}, status_code=503)
+    try:
+        _keep(provider, job_id, callback, record)
+    except redis.RedisError as exc:
+        # Redis refuses writes (OOM, a read-only replica): keep it on disk and answer, since the
+        # provider retries only for seconds; the spool is drained into Redis when it accepts again.
+        Spool.default().put(name, job_id, callback)
+        log.warning("callback for %s/%s spooled to disk: Redis refused it (%s)", name, job_id, type(exc).__name__)
     return JSONResponse({"message": "ok"})  # the seed's own example answer (001, 4.4)
 
 
@@ -133,6 +149,62 @@ def _keep(provider: Provider, job_id: str, callback: Callback, record: dict[str,
     provider.finished_at_provider(job_id)
 
 
+class Spool:
+    """Callbacks that were verified but could not be written to Redis, one file each, fsynced
+    before the provider is answered, and put into Redis by a background thread as soon as it
+    accepts writes again (each then goes through the same checks and keeping as a new one)."""
+
+    _default: Spool | None = None
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+
+    @classmethod
+    def default(cls) -> Spool:
+        if cls._default is None:
+            cls._default = cls(Path(get_runtime().settings.callback_spool_dir).expanduser())
+        return cls._default
+
+    def put(self, provider: str, job_id: str, callback: Callback) -> None:
+        final = self.directory / f"{provider}-{job_id}-{callback.task_id}.json"
+        partial = final.with_suffix(".part")
+        entry = {"provider": provider, "job_id": job_id, "callback": asdict(callback)}
+        with partial.open("w") as fh:
+            json.dump(entry, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        partial.rename(final)
+
+    def drain(self) -> int:
+        """Keep every spooled callback Redis now accepts; return how many were kept."""
+        kept = 0
+        for path in sorted(self.directory.glob("*.json")):
+            entry = json.loads(path.read_text())
+            provider, callback = get_provider(entry["provider"]), Callback(**entry["callback"])
+            try:
+                record = _check(provider, entry["job_id"], callback)
+                _keep(provider, entry["job_id"], callback, record)
+                kept += 1
+            except CallbackRejected as rejected:  # taken meanwhile (a retried delivery got in), or no longer wanted
+                log.info("spooled callback %s dropped: %s", path.name, rejected.reason)
+            except redis.RedisError:
+                return kept  # still refused: try again later
+            path.unlink()
+        return kept
+
+    def run(self, every: float = 1.0) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.drain()
+            except Exception as exc:  # noqa: BLE001 - the next pass tries again
+                log.warning("callback spool not drained (%s)", type(exc).__name__)
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="docpipe-callback-spool", daemon=True).start()
+
+
 def health(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
@@ -144,5 +216,12 @@ def create_app() -> Starlette:
             Route("/callbacks/{provider}/{job_id}", receive, methods=["POST"]),
             *links.routes(),
             Route("/health", health, methods=["GET"]),
-        ]
+        ],
+        lifespan=_lifespan,
     )
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    Spool.default().start()
+    yield

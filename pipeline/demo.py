@@ -73,40 +73,50 @@ def run_demo(*, count: int, workers: int, out: Path, keep_up: bool, console: Con
                 stack.start_worker(name, queues, wait=False)
             stack.wait_workers(names)
             stack.start_flower()
-        console.print(f"stack up: {workers} workers on {', '.join(queues)}; Flower at [link]{stack.flower_url}[/link]; logs in {workdir}")
+        user, password = stack.flower_auth or ("", "")
+        console.print(
+            f"stack up: {workers} workers on {', '.join(queues)}; Flower at [link]{stack.flower_url}[/link] "
+            f"(user {user}, password {password}); logs in {workdir}"
+        )
 
-        from pipeline.ingest import ingest
+        from pipeline import batches
 
         client = storage.s3_client()
         client.create_bucket(Bucket=INBOX_BUCKET)
-        handles = []
+        names = []
         started = time.monotonic()
         for provider in providers:
             made = _samples(out / "samples" / provider, provider, count if provider == "baidu" else max(4, count // 2))
             for sample in made:
                 client.upload_file(str(sample.path), INBOX_BUCKET, f"{provider}/{sample.path.name}")
-            console.print(f"{provider}: {len(made)} documents -> s3://{INBOX_BUCKET}/{provider}/")
-            handles += ingest(f"s3://{INBOX_BUCKET}/{provider}/", provider).handles
+            batch = batches.ingest(f"s3://{INBOX_BUCKET}/{provider}/", provider)
+            names.append(batch.name)
+            console.print(f"{provider}: {len(made)} documents in s3://{INBOX_BUCKET}/{provider}/ -> batch {batch.name}")
 
-        outcomes = progress.track(handles, timeout=900, console=console)
+        statuses = progress.watch(names, timeout=900, console=console)
         elapsed = time.monotonic() - started
 
-        console.print(progress.summary_table(outcomes))
-        counts = progress.counts(outcomes)
+        rows = [row for name in names for row in progress.rows(name)]
+        console.print(progress.summary_table(rows))
+        done = sum(s.counts.get("done", 0) for s in statuses.values())
+        failed = sum(s.failed + s.refused for s in statuses.values())
         copied = _copy_archive(out / "archive")
         console.print(
-            f"\n[bold]{counts['done']} done, {counts['failed']} failed[/] of {len(outcomes)} in {elapsed:.1f}s\n"
+            f"\n[bold]{done} done, {failed} failed[/] of {len(rows)} in {elapsed:.1f}s\n"
             f"results: s3://{storage.get_settings().results_bucket}/<provider>/<job_id>/ "
             f"(result.json + raw.json [+ highlight.pdf, pages/], or error.json)\n"
             f"archive copied to {out / 'archive'} ({copied} files)\n"
+            f"batches: {', '.join(names)} (`docpipe status <batch>` while the stack is up)\n"
             f"Flower: {stack.flower_url}"
         )
         if keep_up:
             console.print("stack stays up; Ctrl-C stops it")
             while True:
                 time.sleep(1)
-        unfinished = len(outcomes) - counts["done"] - counts["failed"]
-        return 0 if unfinished == 0 else 1
+        return 0
+    except TimeoutError as exc:
+        console.print(f"[red]the demo batch did not finish: {exc}[/]")
+        return 3
     except KeyboardInterrupt:
         console.print("\ninterrupted: stopping the stack")
         return 130

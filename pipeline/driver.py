@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import stages
+from pipeline import jobs, logs, metrics, stages
 from pipeline.config import get_settings
-from pipeline.errors import AuthExpired, DocpipeError, RateLimited, RateWait, Transient, is_outage
+from pipeline.errors import AuthExpired, Cancelled, DocpipeError, RateLimited, RateWait, Transient, is_outage
 from pipeline.models import Job
 from pipeline.runtime import get_runtime
 
@@ -86,11 +86,30 @@ def run_step(stage_name: str, payload: dict[str, Any], msg: str, *, publish: Pub
     """Claim, run, hand on. Returns what happened (``stale``/``busy``/``ended``/``next <step>``), for logs."""
     job = Job.model_validate(payload)
     ledger = get_runtime().ledger
-    verdict = through_outage(lambda: ledger.claim(job.job_id, msg, holder), f"{job.label()}: claim")
+    token = uuid.uuid4().hex  # the same for every retry of this claim
+    verdict = through_outage(lambda: ledger.claim(job.job_id, msg, holder, token), f"{job.label()}: claim")
+    metrics.STEPS.labels(job.provider, stage_name, verdict).inc()
     if verdict != "ok":
         log.info("%s: %s message %s for %s dropped", job.label(), verdict, msg, stage_name)
-        through_outage(lambda: ledger.release(job.job_id, msg, holder), f"{job.label()}: drop")
+        if verdict != "running":  # the thread running it keeps its held entry
+            through_outage(lambda: ledger.release(job.job_id, msg, holder), f"{job.label()}: drop")
         return verdict
+    claimed = jobs.claimed_msg.set(msg)
+    try:
+        with logs.step_context(job.job_id, job.provider, stage_name):
+            return _run_claimed(stage_name, job, msg, publish=publish, holder=holder)
+    except BaseException:
+        try:
+            ledger.unclaim(job.job_id, msg, holder)
+        except Exception:  # noqa: BLE001 - Redis away: the reconciler finds the step by its stall time
+            log.warning("%s: could not give back the claim of %s", job.label(), stage_name)
+        raise
+    finally:
+        jobs.claimed_msg.reset(claimed)
+
+
+def _run_claimed(stage_name: str, job: Job, msg: str, *, publish: Publish, holder: str) -> str:
+    ledger = get_runtime().ledger
     step = execute(stage_name, job)
     if step is None:
         through_outage(lambda: ledger.finish(job.job_id, msg, holder), f"{job.label()}: finish")
@@ -111,13 +130,25 @@ def run_step(stage_name: str, payload: dict[str, Any], msg: str, *, publish: Pub
 
 def execute(stage_name: str, job: Job) -> Next | None:
     """Run the stage; say what comes next, or None when the document has ended (archived or failed)."""
+    with metrics.timed_stage(job.provider, stage_name) as outcome:
+        step = _execute(stage_name, job)
+        outcome["outcome"] = "ended" if step is None else ("next" if step.stage != stage_name else "again")
+    return step
+
+
+def _execute(stage_name: str, job: Job) -> Next | None:
     settings = get_settings()
     try:
         job, delay = STAGE_FUNCTIONS[stage_name](job)
+    except Cancelled as stopped:  # cancelled, or superseded by another message: no archive, no error
+        log.info("%s: %s at %s", job.label(), stopped.code, stage_name)
+        return None
     except RateWait as wait:
         # Spread the re-tries: waking every refused task at the same instant only refuses them again.
         return Next(stage_name, job, wait.delay + random.uniform(0.0, 0.5))
     except DocpipeError as exc:
+        if exc.provider_code is not None:
+            metrics.PROVIDER_ERRORS.labels(job.provider, stage_name, str(exc.provider_code)).inc()
         if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries):
             retried = job.model_copy(update={"attempts": job.attempts + 1})
             countdown = exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else backoff(job.attempts)

@@ -10,6 +10,7 @@ round trips, and done one after another they, not the providers, would pace a bi
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import deque
@@ -90,7 +91,8 @@ def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = 
             raise FileNotFoundError(f"{source_str}: no such object")
         content_id = str(meta.get("ETag", "")).strip('"')
         job_id = jobs.make_job_id(provider, source_str, content_id, options)
-        return Job(job_id=job_id, provider=provider, source=source_str, location=source_str, options=options), None
+        job = Job(job_id=job_id, provider=provider, source=source_str, location=source_str, options=options, source_etag=content_id or None)
+        return job, None
     path = Path(source_str).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -113,6 +115,7 @@ def enqueue(
     options: dict[str, Any] | None = None,
     *,
     retry_failed: bool = False,
+    batch: str = "",
 ) -> JobHandle:
     """Send one document down its provider's steps; return a handle whose ``wait()`` gives the result.
 
@@ -124,13 +127,22 @@ def enqueue(
     rt = get_runtime()
     final = storage.finished(provider, job.job_id)
     if final == "result.json" or (final == "error.json" and not retry_failed):
+        if batch:
+            reason = ""
+            if final == "error.json":
+                reason = JobError.model_validate(storage.get_json(storage.archive_prefix(provider, job.job_id) + final)).reason()
+            rt.ledger.join(job.job_id, batch, state="done" if final == "result.json" else "failed", reason=reason, skipped=True)
         return JobHandle(job.job_id, provider, job.source, skipped=True)
     if local_file is not None:
         # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
         storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
     msg = str(uuid.uuid4())
     payload = job.model_dump(mode="json")
-    if not rt.ledger.start(job.job_id, msg, "stage", payload, force=final == "error.json", provider=provider, source=job.source):
+    started = rt.ledger.start(
+        job.job_id, msg, "stage", payload, force=final == "error.json", batch=batch, provider=provider, source=job.source,
+        options=json.dumps(job.options, sort_keys=True),
+    )
+    if not started:
         return JobHandle(job.job_id, provider, job.source)  # its steps are still running: one chain per job
     if final == "error.json":
         storage.s3_client().delete_object(
@@ -165,6 +177,7 @@ def enqueue_many(
     *,
     retry_failed: bool = False,
     concurrency: int = 8,
+    batch: str = "",
 ) -> Iterator[Enqueued]:
     """Enqueue a batch ``concurrency`` documents at a time; yield one ``Enqueued`` per source, in order.
 
@@ -177,7 +190,7 @@ def enqueue_many(
     window: deque[tuple[str, Future[JobHandle]]] = deque()
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="enqueue") as pool:
         for source in sources:
-            window.append((str(source), pool.submit(enqueue, source, provider, options, retry_failed=retry_failed)))
+            window.append((str(source), pool.submit(enqueue, source, provider, options, retry_failed=retry_failed, batch=batch)))
             if len(window) >= 4 * concurrency:
                 yield _outcome(*window.popleft())
         while window:

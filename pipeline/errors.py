@@ -42,6 +42,22 @@ def _rebuild(cls, message, code, provider_code, provider_message):
     return cls(message, code=code, provider_code=provider_code, provider_message=provider_message)
 
 
+class Cancelled(DocpipeError):
+    """The job was cancelled (``docpipe cancel``) while a step ran: it ends quietly, with no archive,
+    so that a later ingest sends it."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, code=kwargs.pop("code", "cancelled"), **kwargs)
+
+
+class Superseded(Cancelled):
+    """The step's job was handed to another message while it ran (its worker was taken for dead):
+    this run ends quietly and the other one carries the job on."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, code=kwargs.pop("code", "superseded"), **kwargs)
+
+
 class ProviderError(DocpipeError):
     """Anything the provider answered (or failed to answer)."""
 

@@ -19,9 +19,11 @@ have moved; ``docpipe:held:<worker>`` the messages each worker has received. The
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import time
+from functools import cache
 from typing import Any
 
 import redis
@@ -31,6 +33,8 @@ ACTIVE = "docpipe:active"
 WORKER_PREFIX = "docpipe:worker:"
 HELD_PREFIX = "docpipe:held:"
 FINAL_STATES = ("done", "failed", "cancelled")
+STATES = "docpipe:states"  # every job by state (as the scripts below move them), for the metrics
+FAILURES = "docpipe:failures"  # failed jobs by stage:code[:provider code]
 
 
 def make_job_id(provider: str, source: str, content_id: str, options: dict[str, Any]) -> str:
@@ -52,13 +56,13 @@ def held_key(holder: str) -> str:
 
 
 def record(client: redis.Redis, job_id: str, **fields: Any) -> None:
-    """Merge fields into the job's record; ``None`` values are skipped."""
+    """Merge fields into the job's record; ``None`` values are skipped.
+
+    A change of ``state`` is counted in the job's batches in the same script (see
+    ``pipeline.batches``): watching a batch of any size then costs one read of its counters.
+    """
     mapping = {k: str(v) for k, v in fields.items() if v is not None}
-    mapping["updated_at"] = str(time.time())
-    pipe = client.pipeline()
-    pipe.hset(key(job_id), mapping=mapping)
-    pipe.expire(key(job_id), RECORD_TTL)
-    pipe.execute()
+    _scripts(client)["record"](keys=[key(job_id)], args=[job_id, RECORD_TTL, time.time(), json.dumps(mapping)])
 
 
 def read(client: redis.Redis, job_id: str) -> dict[str, str]:
@@ -66,22 +70,96 @@ def read(client: redis.Redis, job_id: str) -> dict[str, str]:
 
 
 def states(client: redis.Redis, job_ids: list[str]) -> dict[str, str | None]:
-    pipe = client.pipeline()
+    pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.hget(key(job_id), "state")
     return {job_id: (v.decode() if v else None) for job_id, v in zip(job_ids, pipe.execute())}
 
 
+# --- batch accounting, shared by the scripts below -------------------------------------------
+
+# Moves a job between its batches' state counters (``docpipe:batch:<name>:counts``), keeps
+# failures by reason, and lists finished jobs in order (``:finished``) for ``as_completed``.
+# Keys are built here from the record's ``batches`` field, so docpipe needs one Redis (not a
+# cluster), as its Lua limiter and ledger already do.
+_ACCOUNT = """
+local function account_all(old, new, old_reason, new_reason)
+  if old == new then return end
+  if old and old ~= '' then redis.call('HINCRBY', 'docpipe:states', old, -1) end
+  if old == 'failed' and old_reason and old_reason ~= '' then redis.call('HINCRBY', 'docpipe:failures', old_reason, -1) end
+  if new and new ~= '' then redis.call('HINCRBY', 'docpipe:states', new, 1) end
+  if new == 'failed' and new_reason and new_reason ~= '' then redis.call('HINCRBY', 'docpipe:failures', new_reason, 1) end
+end
+
+local function account(job_id, batches, old, new, old_reason, new_reason, now)
+  if not batches or batches == '' or old == new then return end
+  for b in string.gmatch(batches, '%S+') do
+    local base = 'docpipe:batch:' .. b
+    if old and old ~= '' then redis.call('HINCRBY', base .. ':counts', old, -1) end
+    if old == 'failed' and old_reason and old_reason ~= '' then redis.call('HINCRBY', base .. ':reasons', old_reason, -1) end
+    if new and new ~= '' then redis.call('HINCRBY', base .. ':counts', new, 1) end
+    if new == 'failed' and new_reason and new_reason ~= '' then redis.call('HINCRBY', base .. ':reasons', new_reason, 1) end
+    if new == 'done' or new == 'failed' or new == 'cancelled' then
+      redis.call('RPUSH', base .. ':finished', job_id)
+      redis.call('HSET', base, 'last_finished_at', now)
+      redis.call('HSETNX', base, 'first_finished_at', now)
+    end
+  end
+end
+
+local function join(record, job_id, batch, fallback_state, fallback_reason, skipped, now)
+  if not batch or batch == '' then return 0 end
+  local base = 'docpipe:batch:' .. batch
+  if redis.call('SADD', base .. ':members', job_id) == 0 then return 0 end
+  local state, reason = fallback_state, fallback_reason
+  local current = redis.call('HMGET', record, 'state', 'batches', 'reason')
+  if current[1] then
+    state, reason = current[1], current[3]
+    local batches = current[2] or ''
+    redis.call('HSET', record, 'batches', batches == '' and batch or (batches .. ' ' .. batch))
+  end
+  redis.call('HINCRBY', base, 'total', 1)
+  if skipped == '1' then redis.call('HINCRBY', base, 'skipped', 1) end
+  account(job_id, batch, '', state, '', reason, now)
+  return 1
+end
+"""
+
+# KEYS: record. ARGV: job_id, ttl, now, fields (JSON).
+_RECORD = _ACCOUNT + """
+local fields = cjson.decode(ARGV[4])
+local before = redis.call('HMGET', KEYS[1], 'state', 'batches', 'reason')
+if before[1] == 'cancelled' then
+  fields['state'] = nil  -- a step that was running when its job was cancelled does not revive it
+end
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if fields['state'] then
+  account_all(before[1] or '', fields['state'], before[3], fields['reason'])
+  account(ARGV[1], before[2], before[1] or '', fields['state'], before[3], fields['reason'], ARGV[3])
+end
+return 1
+"""
+
+# KEYS: record. ARGV: job_id, batch, state when there is no record, its reason, skipped (0/1), now.
+_JOIN = _ACCOUNT + """
+return join(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+
+
 # --- the fenced transitions --------------------------------------------------------------------
 
-# KEYS: record, active. ARGV: msg, step, payload, due, grace, job_id, ttl, now, force, fields (JSON).
+# KEYS: record, active. ARGV: msg, step, payload, due, grace, job_id, ttl, now, force, fields (JSON), batch.
 # A job whose record holds a live message is in flight and keeps it (0), unless forced; any
-# other record (none, final, or a lost chain's) starts afresh with this message (1).
-_START = """
-local msg = redis.call('HGET', KEYS[1], 'msg')
-local state = redis.call('HGET', KEYS[1], 'state')
+# other record (none, final, or a lost chain's) starts afresh with this message (1), staying
+# in the batches it belonged to (counted as queued again). Either way it joins ``batch``.
+_START = _ACCOUNT + """
+local before = redis.call('HMGET', KEYS[1], 'msg', 'state', 'batches', 'reason')
+local msg, state = before[1], before[2]
 local live = msg and msg ~= '' and state ~= 'done' and state ~= 'failed' and state ~= 'cancelled'
 if live and ARGV[9] ~= '1' and redis.call('ZSCORE', KEYS[2], ARGV[6]) then
+  join(KEYS[1], ARGV[6], ARGV[11], 'queued', '', '0', ARGV[8])
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -89,21 +167,33 @@ local fields = cjson.decode(ARGV[10])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'msg', ARGV[1], 'step', ARGV[2], 'payload', ARGV[3], 'due', ARGV[4],
   'holder', '', 'updated_at', ARGV[8])
+account_all(state or '', fields['state'], before[4], '')
+if before[3] and before[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'batches', before[3])
+  account(ARGV[6], before[3], state or '', fields['state'], before[4], '', ARGV[8])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[6])
+join(KEYS[1], ARGV[6], ARGV[11], 'queued', '', '0', ARGV[8])
 return 1
 """
 
-# KEYS: record, active, held set of the holder. ARGV: msg, holder, now, stall, job_id, worker prefix.
+# KEYS: record, active, held set of the holder. ARGV: msg, holder, now, stall, job_id, worker prefix, claim token.
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'msg') ~= ARGV[1] then
   return 'stale'
 end
 local holder = redis.call('HGET', KEYS[1], 'holder')
-if holder and holder ~= '' and holder ~= ARGV[2] and redis.call('EXISTS', ARGV[6] .. holder) == 1 then
+if holder and holder ~= '' and redis.call('EXISTS', ARGV[6] .. holder) == 1 then
+  if holder == ARGV[2] then
+    if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+      return 'ok'  -- our own claim, asked again because its answer was lost
+    end
+    return 'running'
+  end
   return 'busy'
 end
-redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'claimed_at', ARGV[3], 'updated_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'claim', ARGV[7], 'claimed_at', ARGV[3], 'updated_at', ARGV[3])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[5] .. ' ' .. ARGV[1])
 return 'ok'
@@ -158,15 +248,75 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 return {step, payload}
 """
 
+# KEYS: record, active. ARGV: job_id, now.
+# Stops a job that no provider has seen: not once a submit may have left (``sending_at``) or
+# was accepted. Answers what the job was: cancelled, at_provider, done/failed/cancelled, unknown.
+_CANCEL = _ACCOUNT + """
+local f = redis.call('HMGET', KEYS[1], 'state', 'provider_task_id', 'sending_at', 'batches', 'reason')
+local state = f[1]
+if not state then return 'unknown' end
+if state == 'done' or state == 'failed' or state == 'cancelled' then return state end
+if (f[2] and f[2] ~= '') or (f[3] and f[3] ~= '') then return 'at_provider' end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'msg', '', 'holder', '', 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'payload')
+redis.call('ZREM', KEYS[2], ARGV[1])
+account_all(state, 'cancelled', f[5], '')
+account(ARGV[1], f[4], state, 'cancelled', f[5], '', ARGV[2])
+return 'cancelled'
+"""
+
+# KEYS: record. ARGV: now, the message that claimed the step ('' when run outside a step).
+# A submit about to leave, unless the job was cancelled (0) or handed to another message (-1).
+_SENDING = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'msg')
+if f[1] == 'cancelled' then return 0 end
+if ARGV[2] ~= '' and f[2] ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], 'sending_at', ARGV[1], 'updated_at', ARGV[1])
+return 1
+"""
+
+# The message whose claim the current thread runs a step under (set by ``pipeline.driver``).
+claimed_msg: contextvars.ContextVar[str] = contextvars.ContextVar("docpipe_claimed_msg", default="")
+
+# KEYS: record. ARGV: msg, holder, now.
+_UNCLAIM = """
+if redis.call('HGET', KEYS[1], 'msg') == ARGV[1] and redis.call('HGET', KEYS[1], 'holder') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'holder', '', 'updated_at', ARGV[3])
+  return 1
+end
+return 0
+"""
+
 # KEYS: record, active. ARGV: msg, job_id.
-_ABANDON = """
+_ABANDON = _ACCOUNT + """
 if redis.call('HGET', KEYS[1], 'msg') == ARGV[1] then
+  local before = redis.call('HMGET', KEYS[1], 'state', 'batches')
+  account_all(before[1] or '', '', '', '')
+  if before[2] then
+    for b in string.gmatch(before[2], '%S+') do
+      redis.call('SREM', 'docpipe:batch:' .. b .. ':members', ARGV[2])
+      redis.call('HINCRBY', 'docpipe:batch:' .. b, 'total', -1)
+      if before[1] then redis.call('HINCRBY', 'docpipe:batch:' .. b .. ':counts', before[1], -1) end
+    end
+  end
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
   return 1
 end
 return 0
 """
+
+
+@cache
+def _scripts(client: redis.Redis) -> dict[str, Any]:
+    return {name: client.register_script(source) for name, source in (("record", _RECORD), ("join", _JOIN), ("sending", _SENDING))}
+
+
+def mark_sending(client: redis.Redis, job_id: str) -> int:
+    """Record that a submit leaves now: 1; nothing written when the job was cancelled (0) or, while
+    this step ran, handed to another message (-1: a worker taken for dead, whose step the
+    reconciler gave to another; only one of them may send)."""
+    return int(_scripts(client)["sending"](keys=[key(job_id)], args=[time.time(), claimed_msg.get()]))
 
 
 class JobLedger:
@@ -182,21 +332,43 @@ class JobLedger:
         self._finish = client.register_script(_FINISH)
         self._redrive = client.register_script(_REDRIVE)
         self._abandon = client.register_script(_ABANDON)
+        self._unclaim = client.register_script(_UNCLAIM)
+        self._cancel = client.register_script(_CANCEL)
 
-    def start(self, job_id: str, msg: str, step: str, payload: dict[str, Any], *, force: bool = False, **fields: Any) -> bool:
-        """Open a job with its first message; False when a live chain already has it (nothing changed)."""
+    def start(
+        self, job_id: str, msg: str, step: str, payload: dict[str, Any], *, force: bool = False, batch: str = "", **fields: Any
+    ) -> bool:
+        """Open a job with its first message; False when a live chain already has it (nothing
+        changed but its joining ``batch``)."""
         now = time.time()
         values = {k: str(v) for k, v in {"state": "queued", "stage": "queued", **fields}.items() if v is not None}
         return bool(
             self._start(
                 keys=[key(job_id), ACTIVE],
-                args=[msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values)],
+                args=[msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values), batch],
             )
         )
 
-    def claim(self, job_id: str, msg: str, holder: str) -> str:
-        """``ok`` (run the step), ``stale`` (the job has moved on: drop) or ``busy`` (a live worker runs it: drop)."""
-        answer = self._claim(keys=[key(job_id), ACTIVE, held_key(holder)], args=[msg, holder, time.time(), self.stall, job_id, WORKER_PREFIX])
+    def join(self, job_id: str, batch: str, *, state: str, reason: str = "", skipped: bool = False) -> bool:
+        """Count a job in ``batch`` (once): by its record's state, or by ``state`` when it has no
+        record (a document found already archived)."""
+        return bool(_scripts(self._redis)["join"](keys=[key(job_id)], args=[job_id, batch, state, reason, int(skipped), time.time()]))
+
+    def claim(self, job_id: str, msg: str, holder: str, token: str = "") -> str:
+        """``ok`` (run the step), ``stale`` (the job has moved on: drop), ``busy`` (another live worker
+        runs it: drop) or ``running`` (another thread of this process runs it: drop, and keep its
+        held entry, which is that thread's).
+
+        A copy of the same message can reach the same process while the first still runs (kombu
+        puts unacknowledged messages back when a broker connection drops): a thread pool shares
+        one holder id, so only "nobody holds this step" lets a claim through. A step that ended
+        without handing the job on gives its claim back (``unclaim``).
+
+        ``token`` names this attempt to claim: asked again with the same token (the first answer
+        was lost with a Redis that died after running the script), the claim answers ``ok``
+        again instead of taking its own earlier success for another thread's."""
+        args = [msg, holder, time.time(), self.stall, job_id, WORKER_PREFIX, token]
+        answer = self._claim(keys=[key(job_id), ACTIVE, held_key(holder)], args=args)
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def advance(self, job_id: str, msg: str, next_msg: str, step: str, payload: dict[str, Any], due: float, holder: str) -> bool:
@@ -207,6 +379,16 @@ class JobLedger:
     def finish(self, job_id: str, msg: str, holder: str) -> bool:
         """The job reached its end with ``msg``: no message may move it any more."""
         return bool(self._finish(keys=[key(job_id), ACTIVE, held_key(holder)], args=[msg, job_id, time.time()]))
+
+    def unclaim(self, job_id: str, msg: str, holder: str) -> None:
+        """Give back a claim whose step ended without handing the job on (an error escaped it): the
+        message comes back (unacknowledged) or the reconciler re-drives it, and may claim again."""
+        self._unclaim(keys=[key(job_id)], args=[msg, holder, time.time()])
+
+    def cancel(self, job_id: str) -> str:
+        """Stop a job no provider has seen: ``cancelled``; else what it is (``at_provider``, a final state, ``unknown``)."""
+        answer = self._cancel(keys=[key(job_id), ACTIVE], args=[job_id, time.time()])
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def release(self, job_id: str, msg: str, holder: str) -> None:
         """Forget that ``holder`` received ``msg`` (a message it dropped as stale or busy)."""

@@ -17,42 +17,69 @@ exactly how long to wait. Nothing is granted early.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
+from pipeline import metrics
 from pipeline.errors import RateWait
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] = grant log (newest first, Redis times in µs); ARGV[1] = requests per window,
-# ARGV[2] = window (µs), ARGV[3] = least spacing between two grants (µs).
-# Returns {wait, now}: wait is 0 when the request was granted, else the µs until it may be;
-# now is Redis' clock (µs), so callers can tell exactly when their grant was made.
+LATE_ENOUGH_TO_RECORD = 0.003  # seconds: later than this, a request's real departure replaces its send time
+
+# KEYS[1] = log of scheduled send times (newest first, Redis times in µs); ARGV[1] = requests per
+# window, ARGV[2] = window (µs), ARGV[3] = least spacing between two sends (µs), ARGV[4] = the
+# caller's lead (µs): how long after this script runs its request can leave at the earliest,
+# ARGV[5] = how much later than that the caller is ready to wait for its send time (µs).
+# The next free send time goes to the first who asks (first come, first served, whatever each
+# caller's lead). Returns {wait, now, at}: wait is 0 when a send time was granted (at, by Redis'
+# clock), else the µs to wait before asking again; now is Redis' clock (µs) when the script ran.
 _SLIDING_LOG_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local wait = 0
+local lead = tonumber(ARGV[4])
+local at = now + lead
 local newest = redis.call('LINDEX', KEYS[1], 0)
 if newest then
-  wait = math.max(wait, tonumber(newest) + tonumber(ARGV[3]) - now)
+  at = math.max(at, tonumber(newest) + tonumber(ARGV[3]))
 end
 local oldest = redis.call('LINDEX', KEYS[1], limit - 1)
 if oldest then
-  wait = math.max(wait, tonumber(oldest) + window - now)
+  at = math.max(at, tonumber(oldest) + window)
 end
-if wait > 0 then
-  return {wait, now}
+if at > now + lead + tonumber(ARGV[5]) then
+  return {at - now - lead, now, 0}
 end
-redis.call('LPUSH', KEYS[1], string.format('%.0f', now))
+redis.call('LPUSH', KEYS[1], string.format('%.0f', at))
 redis.call('LTRIM', KEYS[1], 0, limit - 1)
-redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
-return {0, now}
+redis.call('PEXPIRE', KEYS[1], math.ceil((window + lead) / 1000) + 1000)
+return {0, now, at}
+"""
+
+
+# KEYS[1] = the log; ARGV[1] = a send time it holds (µs), ARGV[2] = when that request really left
+# (µs, Redis clock), ARGV[3] = the log's lifetime (ms). Moves the entry to the real time, keeping
+# the log newest first: the grants that follow count from when the request left.
+_RESCHEDULE_LUA = """
+local entries = redis.call('LRANGE', KEYS[1], 0, -1)
+local found = false
+for i, v in ipairs(entries) do
+  if v == ARGV[1] then entries[i] = ARGV[2]; found = true; break end
+end
+if not found then return 0 end
+table.sort(entries, function(a, b) return tonumber(a) > tonumber(b) end)
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[1], unpack(entries))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -69,12 +96,12 @@ class Rate:
 
 
 class _RedisClock:
-    """Redis' clock as this process sees it, and how late grants reach us.
+    """Redis' clock as this process sees it, and how long its answers take to reach us.
 
     The offset is taken from the fastest of the recent round trips (the filter NTP uses): the
-    faster the round trip, the less its asymmetry can mislead. Lateness is how long after its
-    grant (by Redis' clock) an answer reaches this process; its recent 90th percentile is the
-    delay every grant is held to, so that all requests leave the same time after their grants.
+    faster the round trip, the less its asymmetry can mislead. The lead is the recent 90th
+    percentile of the time from the script running in Redis to its answer being here: asking
+    for send times at least that far ahead, a caller almost always gets its answer in time.
     """
 
     def __init__(self, samples: int = 32) -> None:
@@ -85,6 +112,8 @@ class _RedisClock:
     def observe(self, asked: float, answered: float, redis_now: float) -> None:
         with self._lock:
             self._trips.append((answered - asked, redis_now - (asked + answered) / 2))
+            offset = min(self._trips)[1]
+            self._lateness.append(max(0.0, answered - (redis_now - offset)))
 
     def local(self, redis_time: float) -> float:
         """A Redis timestamp on this process' wall clock."""
@@ -92,28 +121,39 @@ class _RedisClock:
             offset = min(self._trips)[1] if self._trips else 0.0
         return redis_time - offset
 
-    def hold(self, lateness: float) -> float:
-        """Record one grant's lateness; return the delay after its grant at which a request leaves."""
+    def lead(self) -> float:
         with self._lock:
-            self._lateness.append(max(0.0, lateness))
             ordered = sorted(self._lateness)
-        return ordered[int(0.9 * (len(ordered) - 1))] + 0.002
+        return (ordered[int(0.9 * (len(ordered) - 1))] if ordered else 0.0) + 0.002
+
+    def calibrate(self, client: redis.Redis, trips: int = 5) -> None:
+        """Measure a few plain round trips before the first grant: the very first calls also open
+        the connection and load the script, so their round trips are lopsided and would put the
+        offset out by a whole round trip."""
+        with self._lock:
+            if len(self._trips) >= trips:
+                return
+        for _ in range(trips):
+            asked = time.time()
+            seconds, micros = client.time()
+            self.observe(asked, time.time(), seconds + micros / 1_000_000)
 
 
 class RateLimiter:
-    """Grants requests from Redis-held sliding-window logs, one log per key.
+    """Grants send times from Redis-held sliding-window logs, one log per key.
 
     ``safety`` < 1 widens each window a little (1 s / 0.97 = 1.031 s), a margin for the
-    spread between our grants and the provider's arrival stamps; ``spacing`` is the least gap
-    between two grants, as a fraction of the documented interval.
+    spread between our send times and the provider's arrival stamps; ``spacing`` is the least
+    gap between two sends, as a fraction of the documented interval.
 
-    Why requests leave a fixed delay after their grant: with Redis a network hop away, a grant
-    reaches its caller a round trip later, and round trips vary. What the provider sees is the
-    grant times shifted by each request's delay, so only the *spread* of those delays eats the
-    margin. Every request is therefore held until its grant time (by Redis' clock, translated
-    to ours) plus the usual lateness; a grant that arrives later than that by more than a third
-    of the margin is given up and asked again. The usual lateness follows the network, so at
-    any distance nearly every grant is used: the limiter slows down with Redis, never stops.
+    Why the log holds *send* times: with Redis a network hop away, a grant reaches its caller a
+    round trip later, and round trips vary; what the provider counts is when requests arrive.
+    So each caller asks for a send time far enough ahead to have its answer by then (its
+    recent answer delay, the "lead"), and sleeps until that time, translated from Redis' clock
+    to its own. Every request leaves at the time the log holds for it, whichever process sent
+    it and however far its Redis is; only a send that is late by more than a third of the
+    margin is given up and asked again. The lead follows the network, so at any distance nearly
+    every grant is used: the limiter slows down with Redis, never stops.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "docpipe:ratelog", safety: float = 1.0, spacing: float = 0.5) -> None:
@@ -122,61 +162,106 @@ class RateLimiter:
         self._safety = safety
         self._spacing = spacing
         self._script = client.register_script(_SLIDING_LOG_LUA)
+        self._reschedule = client.register_script(_RESCHEDULE_LUA)
         self._gates: dict[str, threading.Lock] = {}
         self._clock = _RedisClock()
-        self.late_grants = 0  # grants given up because they reached us too late (a metric, not an error)
+        self.late_sends = 0  # send times given up because they reached us too late (a metric, not an error)
 
-    def try_acquire(self, key: str, rate: Rate) -> tuple[float, float]:
-        """Take a grant if one is due now: return (0, grant time), else (seconds to wait, Redis time)."""
+    def _ask(self, key: str, rate: Rate, lead: float, horizon: float) -> tuple[float, float, float]:
         window_us = max(1, int(rate.per / self._safety * 1_000_000))
         spacing_us = int(rate.interval() * self._spacing * 1_000_000)
         asked = time.time()
-        wait_us, now_us = self._script(keys=[f"{self._prefix}:{key}"], args=[rate.count, window_us, spacing_us])
+        wait_us, now_us, at_us = self._script(
+            keys=[f"{self._prefix}:{key}"],
+            args=[rate.count, window_us, spacing_us, int(lead * 1_000_000), int(max(0.0, horizon) * 1_000_000)],
+        )
         self._clock.observe(asked, time.time(), int(now_us) / 1_000_000)
-        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
+        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000, int(at_us) / 1_000_000
 
-    def acquire(self, key: str, rate: Rate, *, max_wait: float, alone: bool = False) -> float:
-        """Block until a token is taken, sleeping at most ``max_wait`` in all; return when (Redis clock).
+    def try_acquire(self, key: str, rate: Rate, lead: float = 0.0) -> tuple[float, float]:
+        """Take a send time ``lead`` from now if one is free: (0, send time), else (seconds to wait, Redis time)."""
+        wait, now, at = self._ask(key, rate, lead, 0.0)
+        return (0.0, at) if at else (wait, now)
 
-        When the next token is further away than what is left of ``max_wait``, raise
+    def acquire(
+        self, key: str, rate: Rate, *, max_wait: float, alone: bool = False, before_send: Callable[[], None] | None = None
+    ) -> float:
+        """Block until this process' request may leave, sleeping at most ``max_wait`` in all; return its
+        send time (Redis clock).
+
+        When the next send time is further away than what is left of ``max_wait``, raise
         ``RateWait`` so that the caller re-schedules instead of holding its worker. With
         ``alone``, at most one thread of this process sleeps for ``key`` at a time; the
         others are refused at once. Polls use it: one waiter per process is always there to
         take a slot the moment it frees, and the other threads stay free for other work.
+
+        ``before_send`` runs once a send time is granted and before sleeping until it (a submit
+        records that it is about to leave): what it costs is asked for ahead, so the request
+        still leaves on time. Whatever it raises, the grant is given up unused.
         """
         if not alone:
-            return self._acquire(key, rate, max_wait)
+            return self._acquire(key, rate, max_wait, before_send)
         gate = self._gates.setdefault(key, threading.Lock())
         if not gate.acquire(blocking=False):
-            return self._acquire(key, rate, 0.0)
+            return self._acquire(key, rate, 0.0, before_send)
         try:
-            return self._acquire(key, rate, max_wait)
+            return self._acquire(key, rate, max_wait, before_send)
         finally:
             gate.release()
 
-    def _acquire(self, key: str, rate: Rate, max_wait: float) -> float:
-        deadline = time.monotonic() + max_wait
+    def _acquire(self, key: str, rate: Rate, max_wait: float, before_send: Callable[[], None] | None = None) -> float:
+        started = time.monotonic()
+        deadline = started + max_wait
+        self._clock.calibrate(self._redis)
         while True:
-            wait, now = self.try_acquire(key, rate)
-            if wait <= 0:
-                granted = self._clock.local(now)
-                leave = granted + self._clock.hold(time.time() - granted)
-                early = leave - time.time()
+            # A step to take between grant and send is one more Redis round trip: ask that much further ahead.
+            lead = self._clock.lead() * (2 if before_send else 1)
+            wait, _, at = self._ask(key, rate, lead, deadline - time.monotonic())
+            if at:
+                if before_send is not None:
+                    # Right before the send time, not at the grant (up to max_wait ahead): what
+                    # before_send records (a submit "leaving") should be true within a round trip.
+                    early = self._clock.local(at) - time.time() - lead / 2
+                    if early > 0:
+                        time.sleep(early)
+                    before_send()
+                    before_send = None
+                early = self._clock.local(at) - time.time()
                 if early > 0:
                     time.sleep(early)
-                    early = leave - time.time()
+                    early = self._clock.local(at) - time.time()
                 if -early <= self.tolerance(rate):
-                    return now
-                self.late_grants += 1
-                log.info("rate limit %s: grant reached us %.0f ms late; asking again", key, -early * 1000)
+                    metrics.LIMITER_GRANTS.labels(key).inc()
+                    metrics.LIMITER_WAIT.labels(key).observe(time.monotonic() - started)
+                    return at
+                self.late_sends += 1
+                log.info("rate limit %s: send time reached us %.0f ms late; asking again", key, -early * 1000)
                 continue
             if time.monotonic() + wait > deadline:
+                metrics.LIMITER_DEFERRALS.labels(key).inc()
                 raise RateWait(key, wait)
             time.sleep(wait)
 
+    def left_at(self, key: str, rate: Rate, granted: float, left: float) -> bool:
+        """The request granted ``granted`` (Redis clock) really left at ``left`` (this process' clock,
+        taken as its headers went out). A request that left late (a thread the machine's load
+        held up between its send time and its socket) has its entry in the log moved to when it
+        left, so the grants that follow keep a whole window from it. True when moved."""
+        late = left - self._clock.local(granted)
+        if late <= LATE_ENOUGH_TO_RECORD:
+            return False
+        ttl_ms = math.ceil(rate.per / self._safety * 1000) + 1000
+        moved = self._reschedule(
+            keys=[f"{self._prefix}:{key}"], args=[f"{round(granted * 1_000_000)}", f"{round((granted + late) * 1_000_000)}", ttl_ms]
+        )
+        if moved:
+            self.late_sends += 1
+            log.info("rate limit %s: a request left %.0f ms after its send time; the log counts from then", key, late * 1000)
+        return bool(moved)
+
     def tolerance(self, rate: Rate) -> float:
-        """How far a request may leave behind its schedule: a third of the margin the widened window adds
-        (the rest is for the way from here to the provider's clock)."""
+        """How far a request may leave behind its send time: a third of the margin the widened window
+        adds (the rest is for the way from here to the provider's clock)."""
         return rate.per * (1 / self._safety - 1) / 3 if self._safety < 1 else float("inf")
 
 

@@ -42,11 +42,13 @@ def hold(client: redis.Redis, job_id: str, msg: str, holder: str | None = None) 
 
 
 class Heartbeat:
-    """A daemon thread that keeps this process' heartbeat key alive until ``stop``."""
+    """A daemon thread that keeps this process' heartbeat key alive until ``stop``: written every
+    ``every`` seconds, it lives ``ttl`` seconds (``DOCPIPE_HEARTBEAT_EVERY`` / ``_TTL``)."""
 
-    def __init__(self, client: redis.Redis, holder: str | None = None) -> None:
+    def __init__(self, client: redis.Redis, holder: str | None = None, *, every: float = BEAT_EVERY, ttl: float = BEAT_TTL) -> None:
         self._redis = client
         self.holder = holder or holder_id()
+        self.every, self.ttl = every, ttl
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="docpipe-heartbeat", daemon=True)
 
@@ -56,21 +58,20 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        self._redis.set(f"{WORKER_PREFIX}{self.holder}", str(time.time()), px=int(BEAT_TTL * 1000))
+        self._redis.set(f"{WORKER_PREFIX}{self.holder}", str(time.time()), px=int(self.ttl * 1000))
 
     def _run(self) -> None:
-        while not self._stop.wait(BEAT_EVERY):
+        while not self._stop.wait(self.every):
             try:
                 self.beat()
             except redis.RedisError as exc:  # Redis away or refusing writes: the next beat tries again
                 log.warning("heartbeat not written (%s)", type(exc).__name__)
 
-    def stop(self, *, forget: bool = True) -> None:
-        """Stop beating; ``forget`` also removes the key and the held set (a clean shutdown hands nothing over)."""
+    def stop(self) -> None:
+        """Stop beating and remove the key: the held set stays, for the reconciler to hand over at once."""
         self._stop.set()
-        self._thread.join(BEAT_EVERY + 1)
-        if forget:
-            try:
-                self._redis.delete(f"{WORKER_PREFIX}{self.holder}", f"{HELD_PREFIX}{self.holder}")
-            except redis.RedisError:
-                pass
+        self._thread.join(self.every + 1)
+        try:
+            self._redis.delete(f"{WORKER_PREFIX}{self.holder}")
+        except redis.RedisError:
+            pass

@@ -41,6 +41,7 @@ class Job(BaseModel):
     provider: str
     source: str  # what the user gave: a local path or an s3:// URI
     location: str  # s3:// URI of the bytes the workers read (the staging copy of a local file)
+    source_etag: str | None = None  # the version of an s3:// source the job was made from: no other is read
     options: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
     document: DocumentInfo | None = None
@@ -117,3 +118,11 @@ class JobError(BaseModel):
     provider_message: str | None = None
     provider_task_id: str | None = None
     failed_at: datetime = Field(default_factory=utcnow)
+
+    def reason(self) -> str:
+        """How failures are grouped in a batch's status and the metrics: ``stage:code[:provider code]``."""
+        return failure_reason(self.stage, self.code, self.provider_code)
+
+
+def failure_reason(stage: str, code: str, provider_code: str | None = None) -> str:
+    return f"{stage}:{code}" + (f":{provider_code}" if provider_code else "")

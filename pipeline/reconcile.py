@@ -47,7 +47,7 @@ class Reconciled:
 def queue_backlog(client: redis.Redis, provider: str) -> int:
     """Messages waiting in a provider's queue, over all its priority lists (kombu names them ``queue:N``)."""
     name = f"docpipe.{provider}"
-    pipe = client.pipeline()
+    pipe = client.pipeline(transaction=False)
     pipe.llen(name)
     for priority in range(1, 10):
         pipe.llen(f"{name}:{priority}")

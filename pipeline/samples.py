@@ -145,6 +145,24 @@ def make_batch(folder: Path, count: int, *, corrupt: int = 0) -> list[Sample]:
     return samples
 
 
+def make_text_pdf(path: Path, lines: list[str]) -> Path:
+    """A one-page PDF whose text layer holds ``lines`` (tests use it for documents that say what
+    an emulator should do with them: ``EMULATE: ...``)."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfgen import canvas
+
+    pdfmetrics.registerFont(UnicodeCIDFont("STSong-Light"))  # Chinese text must survive the text layer
+    pdf = canvas.Canvas(str(path), pagesize=A4)
+    for index, line in enumerate(lines):
+        pdf.setFont("Helvetica" if line.isascii() else "STSong-Light", 11)
+        pdf.drawString(72, 790 - 18 * index, line)
+    pdf.showPage()
+    pdf.save()
+    return path
+
+
 def png_bytes(lines: list[str]) -> bytes:
     """A small PNG whose text chunk holds ``lines`` (for unit tests)."""
     buffer = io.BytesIO()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, DeadlineExceeded, DocpipeError, Permanent, RateWait
+from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import PollPolicy
 from pipeline.providers import get_provider
@@ -44,9 +44,15 @@ def work_prefix(job: Job) -> str:
 def stage(job: Job) -> Job:
     """Learn what the document really is and refuse it here, before any provider request."""
     bucket, key = storage.parse_s3_uri(job.location)
-    found = storage.read_head(bucket, key, sniff.HEAD_BYTES)
+    try:
+        found = storage.read_head(bucket, key, sniff.HEAD_BYTES, etag=job.source_etag)
+    except storage.SourceChanged:
+        raise BadInput(
+            f"{job.label()}: s3://{bucket}/{key} was replaced after it was enqueued; enqueue it again to process the new version",
+            code="source_changed",
+        ) from None
     if found is None:
-        raise BadInput(f"{job.label()}: the document is not in s3://{bucket}/{key}", code="not_found")
+        raise BadInput(f"{job.label()}: the document is not in s3://{bucket}/{key} (deleted after it was listed?)", code="not_found")
     head, meta = found
     size = int(meta["size"])
     if size == 0:
@@ -59,12 +65,12 @@ def stage(job: Job) -> Job:
         )
     width = height = None
     tail = head[-1024:] if size <= len(head) else None  # a small document was read whole already
-    if fmt == "pdf" and not sniff.pdf_looks_complete(tail if tail is not None else storage.read_range(bucket, key, -1024, 0)):
+    if fmt == "pdf" and not sniff.pdf_looks_complete(tail if tail is not None else storage.read_range(bucket, key, -1024, 0, meta["etag"])):
         raise BadInput(f"{job.label()}: the PDF is corrupt or truncated (no %%EOF at its end)", code="corrupt")
     if fmt in sniff.IMAGE_FORMATS:
         dims = sniff.image_size(head)
         if dims is None and size > len(head):
-            dims = sniff.image_size(storage.read_range(bucket, key, 0, 4 * 1024 * 1024 - 1))
+            dims = sniff.image_size(storage.read_range(bucket, key, 0, 4 * 1024 * 1024 - 1, meta["etag"]))
         if dims is None:
             raise BadInput(f"{job.label()}: the {fmt} image header is corrupt", code="corrupt")
         width, height = dims
@@ -119,6 +125,11 @@ def submit(job: Job) -> Job:
     attempt = Submission(job, provider, rt)
     try:
         task_id = provider.submit(job, attempt)
+    except Superseded:
+        raise  # nothing sent; the record, its marker and the slot belong to the message that holds the job now
+    except Cancelled:
+        attempt.refused()  # nothing sent: the slot goes back
+        raise
     except Exception as exc:
         if attempt.task_id is not None:
             raise Permanent(
@@ -286,6 +297,8 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
         state="done" if final == "result.json" else "failed",
         stage=stage_name,
         error=message,
+        reason=error.reason(),
+        retryable=int(retryable),
     )
     if task_id is None:
         # Nothing runs at the provider. A task that does keeps its slot until its callback

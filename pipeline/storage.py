@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from pipeline.config import Settings, get_settings
+from pipeline.errors import BadInput
 from pipeline.runtime import BuiltOnce
 
 CHUNK = 1024 * 1024
@@ -60,15 +61,20 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def ensure_buckets(settings: Settings | None = None) -> None:
-    """Create the staging and results buckets if they are missing (local stacks and first runs)."""
+def ensure_buckets(settings: Settings | None = None, also: Iterable[str] = ()) -> list[str]:
+    """Create the staging and results buckets (and ``also``) if they are missing; return those created."""
     s = settings or get_settings()
     client = s3_client(s)
-    for bucket in (s.staging_bucket, s.results_bucket):
+    created = []
+    for bucket in (s.staging_bucket, s.results_bucket, *also):
         try:
             client.head_bucket(Bucket=bucket)
-        except ClientError:
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
             client.create_bucket(Bucket=bucket)
+            created.append(bucket)
+    return created
 
 
 def sha256_file(path: Path) -> str:
@@ -95,16 +101,40 @@ def head(bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def read_head(bucket: str, key: str, length: int) -> tuple[bytes, dict[str, Any]] | None:
-    """The first ``length`` bytes and the object's metadata (``size``, ``etag``) in one request; None if absent."""
+class SourceChanged(BadInput):
+    """The object is no longer the version the job was made from (its ETag changed): the job's
+    id was derived from that version, so no other may be processed under it."""
+
+    def __init__(self, message: str, **_: object) -> None:
+        super().__init__(message, code="source_changed")
+
+
+def _pinned(etag: str | None) -> dict[str, str]:
+    return {"IfMatch": f'"{etag}"'} if etag else {}
+
+
+def _get(bucket: str, key: str, etag: str | None, **kwargs: Any) -> dict[str, Any]:
     try:
-        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{length - 1}")
+        return s3_client().get_object(Bucket=bucket, Key=key, **_pinned(etag), **kwargs)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            raise SourceChanged(f"s3://{bucket}/{key} changed since the job was made from it") from None
+        raise
+
+
+def read_head(bucket: str, key: str, length: int, etag: str | None = None) -> tuple[bytes, dict[str, Any]] | None:
+    """The first ``length`` bytes and the object's metadata (``size``, ``etag``) in one request; None if absent.
+
+    With ``etag``, only that version is read: ``SourceChanged`` when the object was replaced.
+    """
+    try:
+        response = _get(bucket, key, etag, Range=f"bytes=0-{length - 1}")
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
         if code in ("404", "NoSuchKey", "NotFound"):
             return None
         if code == "InvalidRange":  # what S3 answers for a range of an empty object
-            return b"", {"size": 0, "etag": None}
+            return b"", {"size": 0, "etag": etag}
         raise
     data = response["Body"].read()
     total = str(response.get("ContentRange", "")).rpartition("/")[2]
@@ -112,23 +142,23 @@ def read_head(bucket: str, key: str, length: int) -> tuple[bytes, dict[str, Any]
     return data, {"size": size, "etag": str(response.get("ETag", "")).strip('"') or None}
 
 
-def read_range(bucket: str, key: str, start: int, end: int) -> bytes:
+def read_range(bucket: str, key: str, start: int, end: int, etag: str | None = None) -> bytes:
     """Bytes ``start..end`` inclusive; a negative ``start`` reads the last ``-start`` bytes."""
     rng = f"bytes=-{-start}" if start < 0 else f"bytes={start}-{end}"
-    return s3_client().get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+    return _get(bucket, key, etag, Range=rng)["Body"].read()
 
 
-def iter_object(bucket: str, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+def iter_object(bucket: str, key: str, chunk_size: int = CHUNK, etag: str | None = None) -> Iterator[bytes]:
+    body = _get(bucket, key, etag)["Body"]
     try:
         yield from body.iter_chunks(chunk_size)
     finally:
         body.close()
 
 
-def read_object(bucket: str, key: str) -> bytes:
+def read_object(bucket: str, key: str, etag: str | None = None) -> bytes:
     """Whole object; only for documents already checked against the provider's (small) size limit."""
-    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return _get(bucket, key, etag)["Body"].read()
 
 
 def presign_get(bucket: str, key: str, expires: int = 3600) -> str:

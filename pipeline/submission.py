@@ -23,6 +23,7 @@ import time
 import redis
 
 from pipeline import jobs
+from pipeline.errors import Cancelled, Superseded
 from pipeline.models import Job
 from pipeline.providers.base import Provider
 from pipeline.runtime import Runtime
@@ -45,8 +46,13 @@ class Submission:
         self.provider.take_slot(self.job)
 
     def sending(self) -> None:
-        """The request leaves now. Recorded first: if the record cannot be written, nothing is sent."""
-        jobs.record(self.rt.redis, self.job.job_id, sending_at=time.time())
+        """The request leaves now. Recorded first: if the record cannot be written, nothing is sent;
+        if the job was cancelled meanwhile, nothing is sent either."""
+        marked = jobs.mark_sending(self.rt.redis, self.job.job_id)
+        if marked == 0:
+            raise Cancelled(f"{self.job.label()}: cancelled before its submit left")
+        if marked < 0:
+            raise Superseded(f"{self.job.label()}: handed to another message while this submit waited; that one sends it")
         self.sent = True
 
     def not_sent(self) -> None:

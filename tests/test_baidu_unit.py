@@ -116,7 +116,9 @@ def test_transport_failures_become_transient_without_the_url_or_token():
         def __init__(self):
             pass
 
-        def acquire(self, key, rate, *, max_wait, alone=False):
+        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None):
+            if before_send is not None:
+                before_send()
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
@@ -176,7 +178,7 @@ def test_the_task_id_is_read_from_the_raw_submit_answer(text, found):
 
 
 def test_submit_sends_both_spellings_of_the_file_name_and_reports_the_acceptance_first(monkeypatch):
-    monkeypatch.setattr(baidu.storage, "read_object", lambda bucket, key: b"\x89PNG")
+    monkeypatch.setattr(baidu.storage, "read_object", lambda bucket, key, etag=None: b"\x89PNG")
     forms: list[bytes] = []
 
     def cut_short(request: httpx.Request) -> httpx.Response:

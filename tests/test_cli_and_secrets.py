@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 import redis
 
@@ -15,32 +16,36 @@ from pipeline import enqueue, storage
 from pipeline.devstack import DEMO_BAIDU_KEY, DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, LocalStack
 from pipeline.samples import make_batch, make_corrupt_pdf, make_report_pdf
 
+# Its tests share one session stack, watched by Flower (the last one reads what the others left there).
+pytestmark = [pytest.mark.usefixtures("flower"), pytest.mark.xdist_group("secrets")]
+
 
 def docpipe(stack: LocalStack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **stack.env, "COLUMNS": "300"}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_submit_wait_prints_where_each_result_landed(stack, baidu, docs):
+def test_submit_wait_names_the_batch_and_each_failure_with_its_reason(stack, baidu, docs):
     good = make_batch(docs, 2)
     bad = make_corrupt_pdf(docs / "broken.pdf")
     done = docpipe(stack, "submit", *(str(s.path) for s in good), "--provider", "baidu", "--wait", "--timeout", "180")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "done 2, failed 0" in done.stdout
-    assert "s3://docpipe-results/baidu/" in done.stdout
+    assert re.search(r"batch baidu-\d{8}-\d{6}-[0-9a-f]{4}", done.stdout)  # named at the start
+    assert "2 enqueued" in done.stdout and "done=2" in done.stdout
 
-    failed = docpipe(stack, "submit", str(bad.path), "--provider", "baidu", "--wait", "--timeout", "180")
+    failed = docpipe(stack, "submit", str(bad.path), "--provider", "baidu", "--wait", "--timeout", "180", "--batch", "cli-broken")
     assert failed.returncode == 1  # a failed document makes the command fail...
-    assert "failed 1" in failed.stdout and "broken.pdf" in failed.stdout  # ...and says which and why
-    assert "error.json" in failed.stdout
+    assert "broken.pdf" in failed.stdout and "stage:" in failed.stdout  # ...and says which and why
 
 
 def test_unknown_provider_and_missing_file_are_clear_errors(stack, baidu, docs):
     missing = docpipe(stack, "submit", str(docs / "nope.pdf"), "--provider", "baidu")
-    assert "no such file" in missing.stdout
+    assert "no such file" in missing.stderr and "nope.pdf" in missing.stderr
     assert missing.returncode == 1
     unknown = docpipe(stack, "submit", str(docs / "nope.pdf"), "--provider", "nosuch")
     assert unknown.returncode == 2 and "unknown provider" in (unknown.stdout + unknown.stderr)
+    typo = docpipe(stack, "ingest", "/typo", "--provider", "baidu")
+    assert typo.returncode == 2 and "/typo" in typo.stderr
 
 
 def test_ingest_of_a_prefix_skips_what_is_archived_on_a_second_run(stack, baidu, docs):
@@ -48,12 +53,15 @@ def test_ingest_of_a_prefix_skips_what_is_archived_on_a_second_run(stack, baidu,
     client.create_bucket(Bucket="cli-inbox")
     for sample in make_batch(docs, 3):
         client.upload_file(str(sample.path), "cli-inbox", f"scans/{sample.path.name}")
-    first = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--timeout", "180")
+    first = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--wait", "--timeout", "180", "--json")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "3 documents, 0 already archived" in first.stdout
+    report = json.loads(first.stdout)
+    assert (report["total"], report["enqueued"], report["skipped"], report["counts"]) == (3, 3, 0, {"done": 3})
     submits = baidu.endpoint("submit")["accepted"]
-    again = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--timeout", "60")
-    assert "3 documents, 3 already archived" in again.stdout
+    again = docpipe(stack, "ingest", "s3://cli-inbox/scans/", "--provider", "baidu", "--wait", "--timeout", "60", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = json.loads(again.stdout)
+    assert (second["total"], second["enqueued"], second["skipped"]) == (3, 0, 3)
     assert baidu.endpoint("submit")["accepted"] == submits
 
 
@@ -93,6 +101,23 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
         record = json.dumps({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
         for secret in secrets:
             assert secret not in record
+
+    # Flower, as an operator sees it (behind basic auth), and the broker's messages: every task
+    # argument of the session.
+    assert httpx.get(f"{stack.flower_url}/api/tasks", timeout=30).status_code == 401
+    tasks = httpx.get(f"{stack.flower_url}/api/tasks", auth=stack.flower_auth, timeout=60)
+    assert tasks.status_code == 200
+    flower_text = tasks.text + httpx.get(f"{stack.flower_url}/tasks", auth=stack.flower_auth, timeout=60).text
+    seen = tasks.json()
+    assert {t["name"] for t in seen.values()} >= {f"docpipe.{p}.{s}" for p in ("baidu", "idp", "tuputech") for s in ("stage", "archive")}
+    broker_text = "".join(
+        (client.hgetall(k) if client.type(k) == b"hash" else client.lrange(k, 0, -1)).__repr__()
+        for k in client.scan_iter("docpipe.*")
+    ) + repr(client.hgetall("unacked"))
+    for where, text in (("Flower", flower_text), ("the broker", broker_text)):
+        for secret in secrets:
+            assert secret not in text, f"{secret[:12]}... in {where}"
+        assert not signature.search(text) and not link.search(text), where
 
     bucket = storage.get_settings().results_bucket
     archived = 0

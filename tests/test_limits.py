@@ -150,3 +150,17 @@ def test_poll_policy_backs_off_with_jitter_and_caps():
     assert all(d <= 60 for d in delays)
     assert 1.5 <= delays[0] <= 2 and delays[-1] >= 45
     assert policy.expired(0, 3601) and not policy.expired(0, 3599)
+
+
+def test_a_request_that_left_late_moves_its_place_so_the_next_window_counts_from_its_departure(stack):
+    """A thread held up between its send time and its socket (a loaded machine) sends late; the
+    provider then sees it close to the request a window later. Told when it really left, the
+    limiter moves its entry, and the next grant keeps a whole window from the departure."""
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
+    key, rate = f"test:late:{time.time()}", Rate(2, per=1.0)
+    first = limiter.acquire(key, rate, max_wait=5.0)
+    second = limiter.acquire(key, rate, max_wait=5.0)
+    assert limiter.left_at(key, rate, first, limiter._clock.local(first) + 0.2)  # it left 200 ms late
+    assert not limiter.left_at(key, rate, second, limiter._clock.local(second))  # on time: nothing to move
+    third = limiter.acquire(key, rate, max_wait=5.0)
+    assert third - (first + 0.2) >= 1 / 0.97 - 1e-3  # a whole (widened) window after the late departure

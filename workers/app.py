@@ -5,7 +5,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received, worker_init, worker_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, task_received, worker_init, worker_shutdown
 
 # Workers run thread pools of I/O-bound tasks. Between a rate token granted by Redis and the
 # request leaving the socket, a thread may wait for the GIL; at the default 5 ms switch
@@ -34,14 +34,33 @@ def _start(**_: Any) -> None:
 
     warm_up()
     rt = get_runtime()
-    _background.append(Heartbeat(rt.redis).start())
-    reconciler = Reconciler(rt.redis, rt.ledger, publish, backlog_grace=rt.settings.backlog_grace)
-    _background.append(ReconcilerThread(rt.redis, reconciler, every=rt.settings.reconcile_every).start())
+    if rt.settings.metrics_port:
+        from pipeline.metrics import serve_worker_metrics
+
+        serve_worker_metrics(rt.settings.metrics_port)
+    s = rt.settings
+    _background.append(Heartbeat(rt.redis, every=s.heartbeat_every, ttl=s.heartbeat_ttl).start())
+    reconciler = Reconciler(rt.redis, rt.ledger, publish, backlog_grace=s.backlog_grace)
+    # After a Redis error, a heartbeat's lifetime passes before silence counts as death.
+    _background.append(ReconcilerThread(rt.redis, reconciler, every=s.reconcile_every, quiet_after_error=s.heartbeat_ttl + s.heartbeat_every).start())
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """Celery sets up its own handlers: give them docpipe's format (``DOCPIPE_LOG_FORMAT``) and the
+    step fields (job id, provider, stage) on every line."""
+    from pipeline import logs
+    from pipeline.config import get_settings
+
+    logs.configure(get_settings().log_format, logger)
 
 
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
-    """A clean stop hands nothing over: Celery puts back the messages it holds, which stay valid."""
+    """A clean stop: the running tasks have finished; the heartbeat goes at once, so that the
+    reconciler hands the messages this worker still held (waiting for their countdown) to
+    others within seconds."""
     for thread in reversed(_background):
         thread.stop()
 

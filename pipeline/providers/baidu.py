@@ -324,7 +324,7 @@ class BaiduProvider(Provider):
         if document.size * 4 / 3 > MAX_ENCODED_BYTES:
             encoded = None
         else:
-            encoded = sniff.urlencoded_base64_size(storage.iter_object(document.bucket, document.key))
+            encoded = sniff.urlencoded_base64_size(storage.iter_object(document.bucket, document.key, etag=document.etag))
         if encoded is None or encoded > MAX_ENCODED_BYTES:
             shown = f"{encoded} bytes" if encoded else f"about {int(document.size * 4 / 3)} bytes"
             raise BadInput(
@@ -336,7 +336,7 @@ class BaiduProvider(Provider):
     def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
-        content = storage.read_object(doc.bucket, doc.key)
+        content = storage.read_object(doc.bucket, doc.key, doc.etag)
         stem = doc.filename.rsplit(".", 1)[0] or "document"
         name = f"{stem}.{sniff.FORMAT_EXTENSIONS[doc.format]}"
         # The table names the field file_name, the working example sends fileName: send both.

@@ -7,13 +7,16 @@ Celery tasks never change for it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
+import logging
 import time
 
 import httpx
 
+from pipeline import metrics
 from pipeline.errors import DocpipeError, OutcomeUnknown, RateLimited, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, NormalizedResult
@@ -45,6 +48,8 @@ class Fetched:
     result: NormalizedResult
     raw: dict[str, Any]
     artifacts: dict[str, bytes] = field(default_factory=dict)
+
+log = logging.getLogger(__name__)
 
 
 class Provider(ABC):
@@ -78,8 +83,11 @@ class Provider(ABC):
         """Verify and parse a callback body; raise ``CallbackRejected`` (forged or malformed)."""
         raise CallbackRejected(404, f"{self.name} does not call back")
 
-    def take_token(self, endpoint: str, max_wait: float | None = None, *, alone: bool = False) -> None:
-        """Every request to a limited endpoint goes through here first, retries included.
+    def take_token(
+        self, endpoint: str, max_wait: float | None = None, *, alone: bool = False, before_send: Callable[[], None] | None = None
+    ) -> tuple[str, Rate, float] | None:
+        """Every request to a limited endpoint goes through here first, retries included; the
+        grant (limiter key, rate, send time) is returned for ``RateLimiter.left_at``.
 
         A token at most ``max_wait`` away (default ``max_inline_wait``) is waited for in the
         worker thread; one further away raises ``RateWait`` and the task re-schedules itself
@@ -87,14 +95,15 @@ class Provider(ABC):
         process waits for a poll token, so a freed slot is taken at once, and the others
         re-schedule, since a thread waiting for a poll token is a thread not submitting.
         """
-        if not self.settings.global_limits:
-            return
-        self.rt.limiter.acquire(
-            f"{self.name}:{self.account()}:{endpoint}",
-            self.limits[endpoint],
-            max_wait=self.settings.max_inline_wait if max_wait is None else max_wait,
-            alone=alone,
+        if not self.settings.global_limits or endpoint not in self.limits:
+            if before_send is not None:
+                before_send()
+            return None
+        key, rate = f"{self.name}:{self.account()}:{endpoint}", self.limits[endpoint]
+        at = self.rt.limiter.acquire(
+            key, rate, max_wait=self.settings.max_inline_wait if max_wait is None else max_wait, alone=alone, before_send=before_send
         )
+        return key, rate, at
 
     def take_slot(self, job: Job) -> None:
         """Hold one of the account's in-flight slots for ``job`` (a lease with a short grace).
@@ -125,19 +134,26 @@ class Provider(ABC):
         """
         if submission is not None:
             submission.take_slot()
-        self.take_token(endpoint, max_wait, alone=alone)
-        if submission is not None:
-            submission.sending()
+        # A submit records that it leaves between its grant and its send time, not after: a
+        # Redis round trip after the send time would make the request leave late, and a late
+        # request can share a provider's window with one sent a window after it.
+        try:
+            grant = self.take_token(endpoint, max_wait, alone=alone, before_send=submission.sending if submission is not None else None)
+        except BaseException:
+            if submission is not None:
+                submission.not_sent()  # refused a send time (or the marker): the request never left
+            raise
+        left: list[float] = []
+        request.extensions["trace"] = lambda event, info: left.append(time.time()) if event.endswith("send_request_headers.complete") else None
         try:
             response = self.rt.http.send(request)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            if submission is not None:
-                submission.not_sent()
-            raise Transient(f"{self.name} {endpoint}: could not connect ({type(exc).__name__})", code="connection") from None
-        except httpx.TimeoutException as exc:
-            raise Transient(f"{self.name} {endpoint}: timed out ({type(exc).__name__})", code="timeout") from None
         except httpx.TransportError as exc:
-            raise Transient(f"{self.name} {endpoint}: no answer ({type(exc).__name__})", code="no_answer") from None
+            metrics.REQUESTS.labels(self.name, endpoint, type(exc).__name__).inc()
+            self._transport_failed(endpoint, exc, submission)
+        finally:
+            if grant is not None and left:
+                self._record_departure(grant, left[0])
+        metrics.REQUESTS.labels(self.name, endpoint, str(response.status_code)).inc()
         if submission is not None:
             submission.answered = True
         if response.status_code == 429:
@@ -145,6 +161,23 @@ class Provider(ABC):
         if response.status_code >= 500:
             raise Transient(f"{self.name} {endpoint}: HTTP {response.status_code}", code="http_5xx", provider_code=response.status_code)
         return response
+
+    def _record_departure(self, grant: tuple[str, Rate, float], left: float) -> None:
+        """Tell the limiter when the request really left; a Redis blip here costs only the correction."""
+        key, rate, at = grant
+        try:
+            self.rt.limiter.left_at(key, rate, at, left)
+        except Exception as exc:  # noqa: BLE001 - the request is out; its answer matters more than this bookkeeping
+            log.warning("%s: could not record a late departure on %s (%s)", self.name, key, type(exc).__name__)
+
+    def _transport_failed(self, endpoint: str, exc: httpx.TransportError, submission: Submission | None) -> NoReturn:
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            if submission is not None:
+                submission.not_sent()
+            raise Transient(f"{self.name} {endpoint}: could not connect ({type(exc).__name__})", code="connection") from None
+        if isinstance(exc, httpx.TimeoutException):
+            raise Transient(f"{self.name} {endpoint}: timed out ({type(exc).__name__})", code="timeout") from None
+        raise Transient(f"{self.name} {endpoint}: no answer ({type(exc).__name__})", code="no_answer") from None
 
     # -- the verbs -------------------------------------------------------------------------
 

@@ -179,24 +179,31 @@ class IdpProvider(Provider):
 
         The seed's python example sends base64 of the username and password, its curl example
         sends them as they are. ``auto`` tries base64 first and, refused as a wrong password,
-        the plain form once; the form that works is kept for this process.
+        the plain form once; the form that works is tried first next time.
         """
-        answer = None
-        for encoding in self._login_encodings():
+        encodings = self._login_encodings()
+        first_refusal: Permanent | None = None
+        for encoding in encodings:
             try:
                 answer = self._login_as(encoding)
             except Permanent as refused:
-                if refused.code == "auth_failed" and encoding != self._login_encodings()[-1]:
+                # The second form is only a guess at the other reading: when it fails too, the
+                # first refusal (a wrong password, most likely) is the one that explains.
+                if refused.code == "auth_failed" and encoding != encodings[-1]:
+                    first_refusal = refused
                     continue
-                raise
+                raise first_refusal or refused from None
             self._login_encoding = encoding
-            break
-        assert answer is not None
-        return answer.access_token or "", token_lifetime(answer.access_token or "")
+            return answer.access_token or "", token_lifetime(answer.access_token or "")
+        raise AssertionError("unreachable")
 
     def _login_encodings(self) -> tuple[str, ...]:
-        chosen = getattr(self, "_login_encoding", None) or self.settings.idp_login_encoding
-        return ("base64", "plain") if chosen == "auto" else (chosen,)
+        """The forms to try, in order: a fixed setting alone; in ``auto``, the form that worked
+        last first, the other after it (a platform that changed its reading is followed)."""
+        if self.settings.idp_login_encoding != "auto":
+            return (self.settings.idp_login_encoding,)
+        worked = getattr(self, "_login_encoding", None)
+        return ("plain", "base64") if worked == "plain" else ("base64", "plain")
 
     def _login_as(self, encoding: str) -> wire.LoginResponse:
         encode = _b64 if encoding == "base64" else str
@@ -277,7 +284,7 @@ class IdpProvider(Provider):
     def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
-        content = storage.read_object(doc.bucket, doc.key)
+        content = storage.read_object(doc.bucket, doc.key, doc.etag)
         params: dict[str, Any] = {
             "async_task": "true",
             "feature_type_id": job.options.get("feature_type_id", self.settings.idp_feature_type_id),

@@ -1,0 +1,156 @@
+"""The job ledger, the step driver and the reconciler, on the session's real Redis.
+
+What is replaced here is only what these functions are handed: the stage a step runs (a
+function of the test's) and the publish (a list, or one that fails the way a Redis refusing
+writes does). End to end, the same paths run in the pipeline tests and in ``bench.chaos``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu.exceptions import OperationalError
+
+from pipeline import driver, jobs
+from pipeline.jobs import JobLedger
+from pipeline.models import Job
+from pipeline.reconcile import Reconciler
+from pipeline.runtime import get_runtime, reset_runtime
+
+
+@pytest.fixture
+def ledger(stack, monkeypatch) -> Iterator[JobLedger]:
+    """A Redis database of its own on the session's server: the session's workers and their
+    reconcilers never see these jobs (they would re-drive them for real)."""
+    stack.activate()
+    monkeypatch.setenv("DOCPIPE_REDIS_URL", stack.env["DOCPIPE_REDIS_URL"].rsplit("/", 1)[0] + "/7")
+    reset_runtime()
+    get_runtime().redis.flushdb()
+    yield JobLedger(get_runtime().redis, grace=1.0, stall=30.0)
+    monkeypatch.undo()
+    stack.activate()
+
+
+def _job() -> Job:
+    job_id = uuid.uuid4().hex
+    return Job(job_id=job_id, provider="idp", source="s3://b/k", location="s3://b/k")
+
+
+def _beat(holder: str, alive: bool = True) -> None:
+    client = get_runtime().redis
+    if alive:
+        client.set(f"{jobs.WORKER_PREFIX}{holder}", "1", ex=30)
+    else:
+        client.delete(f"{jobs.WORKER_PREFIX}{holder}")
+
+
+def test_only_the_current_message_may_move_a_job(ledger):
+    job = _job()
+    first, second = "m1-" + job.job_id, "m2-" + job.job_id
+    assert ledger.start(job.job_id, first, "stage", job.model_dump(mode="json"), provider="idp")
+    assert not ledger.start(job.job_id, "other", "stage", {})  # in flight: a second enqueue changes nothing
+    assert ledger.claim(job.job_id, "other", "w:1") == "stale"
+    assert ledger.claim(job.job_id, first, "w:1") == "ok"
+    assert ledger.advance(job.job_id, first, second, "submit", {"x": 1}, time.time(), "w:1")
+    assert ledger.advance(job.job_id, first, second, "submit", {"x": 1}, time.time(), "w:1")  # asked again: still yes
+    assert ledger.claim(job.job_id, first, "w:2") == "stale"  # a copy of the old message, come back
+    assert ledger.finish(job.job_id, second, "w:1") and ledger.claim(job.job_id, second, "w:1") == "stale"
+
+
+def test_a_step_a_live_worker_runs_is_not_run_beside_it_but_a_dead_ones_is_taken_over(ledger):
+    job = _job()
+    msg = "m-" + job.job_id
+    ledger.start(job.job_id, msg, "submit", job.model_dump(mode="json"))
+    _beat("live:1")
+    assert ledger.claim(job.job_id, msg, "live:1") == "ok"
+    assert ledger.claim(job.job_id, msg, "other:2") == "busy"
+    _beat("live:1", alive=False)
+    assert ledger.claim(job.job_id, msg, "other:2") == "ok"
+
+
+def test_a_copy_of_a_running_message_in_the_same_process_is_not_run_beside_it(ledger, monkeypatch):
+    """Seen in CI: kombu put a running submit's message back when Redis restarted, another thread
+    of the same worker took the copy, and the document was submitted (billed) twice."""
+    job = _job()
+    msg = "m-" + job.job_id
+    ledger.start(job.job_id, msg, "submit", job.model_dump(mode="json"))
+    _beat("w:1")
+    assert ledger.claim(job.job_id, msg, "w:1", "t1") == "ok"
+    assert ledger.claim(job.job_id, msg, "w:1", "t1") == "ok"  # the same attempt, asked again (its answer was lost)
+    assert ledger.claim(job.job_id, msg, "w:1", "t2") == "running"  # same process, another thread: dropped
+    assert get_runtime().redis.sismember(jobs.held_key("w:1"), f"{job.job_id} {msg}")  # the runner's entry stays
+
+    def broken(j):
+        raise KeyboardInterrupt  # an error that escapes the stage's own handling
+
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "submit", broken)
+    ledger.unclaim(job.job_id, msg, "w:1")
+    with pytest.raises(KeyboardInterrupt):
+        driver.run_step("submit", job.model_dump(mode="json"), msg, publish=lambda *a: None, holder="w:1")
+    assert jobs.read(get_runtime().redis, job.job_id)["holder"] == ""  # given back: the next copy may run it
+    assert ledger.claim(job.job_id, msg, "w:1") == "ok"
+
+
+def test_a_publish_refused_by_redis_is_retried_until_it_goes_and_never_doubled(ledger, monkeypatch):
+    job = _job()
+    msg = "m-" + job.job_id
+    get_runtime().ledger.start(job.job_id, msg, "fetch", job.model_dump(mode="json"))
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "fetch", lambda j: (j, None))
+    monkeypatch.setattr(driver, "backoff", lambda attempt, cap=60.0: 0.01)
+    published: list[tuple[str, str]] = []
+    refusals = [redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"), OperationalError("broker gone")]
+
+    def publish(step, payload, next_msg, countdown):
+        if refusals:
+            raise refusals.pop(0)
+        published.append((step, next_msg))
+
+    assert driver.run_step("fetch", job.model_dump(mode="json"), msg, publish=publish, holder="w:1") == "next archive"
+    assert len(published) == 1 and published[0][0] == "archive"
+    assert jobs.read(get_runtime().redis, job.job_id)["msg"] == published[0][1]  # the record names the one published
+
+
+def test_the_reconciler_re_drives_a_dead_holders_jobs_and_lost_messages_but_not_a_queue_backlog(ledger):
+    client = get_runtime().redis
+    published: list[tuple[str, dict, str]] = []
+    reconciler = Reconciler(client, ledger, lambda step, payload, msg, countdown: published.append((step, payload, msg)), backlog_grace=60)
+    held, lost, waiting = _job(), _job(), _job()
+    for job, provider in ((held, "idp"), (lost, "idp"), (waiting, "baidu")):
+        job = job.model_copy(update={"provider": provider})
+        ledger.start(job.job_id, f"m-{job.job_id}", "await", job.model_dump(mode="json"), provider=provider)
+    client.sadd(jobs.held_key("dead:9"), f"{held.job_id} m-{held.job_id}")  # received by a worker that then died
+    client.lpush("docpipe.baidu:2", "a message waiting its turn")  # nobody consumes this database
+    time.sleep(ledger.grace + 0.1)  # all three are overdue now
+    done = reconciler.run_once()
+    redriven = {job_id for job_id, _ in done.redriven}
+    assert held.job_id in redriven and lost.job_id in redriven and waiting.job_id not in redriven
+    assert {p["job_id"] for _, p, _ in published} == {held.job_id, lost.job_id}
+    for step, payload, msg in published:
+        assert step == "await" and jobs.read(client, payload["job_id"])["msg"] == msg
+        assert ledger.claim(payload["job_id"], f"m-{payload['job_id']}", "late:1") == "stale"  # the old copy is dead
+
+
+def test_a_submit_whose_job_was_handed_on_meanwhile_is_not_sent(ledger):
+    """A worker taken for dead (starved of CPU past its heartbeat) may still be inside its submit
+    step when the reconciler gives the job to another message: only the new holder may send."""
+    job = _job()
+    client = get_runtime().redis
+    ledger.start(job.job_id, "m1", "submit", job.model_dump(mode="json"))
+    assert ledger.claim(job.job_id, "m1", "slow:1") == "ok"
+    assert ledger.redrive(job.job_id, "m1", "m2") is not None
+    token = jobs.claimed_msg.set("m1")
+    try:
+        assert jobs.mark_sending(client, job.job_id) == -1
+    finally:
+        jobs.claimed_msg.reset(token)
+    assert "sending_at" not in jobs.read(client, job.job_id)
+    token = jobs.claimed_msg.set("m2")
+    try:
+        assert jobs.mark_sending(client, job.job_id) == 1
+    finally:
+        jobs.claimed_msg.reset(token)
+    assert ledger.cancel(job.job_id) == "at_provider"  # from now on the provider may have it

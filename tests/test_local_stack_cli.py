@@ -1,0 +1,69 @@
+"""``docpipe up`` and ``docpipe down``: the local stack as processes, and every one of them gone
+when it is stopped, by ``down`` (SIGTERM) or by a closed terminal (SIGHUP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.devstack import wait_until
+
+
+def _children(pid: int) -> set[int]:
+    """Every live process whose parent is ``pid``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop", ["down", "hangup"])
+def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, stop):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "up", "--workers", "1", "--providers", "baidu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    state = tmp_path / ".docpipe" / "up.json"
+    try:
+        wait_until(lambda: state.exists() or up.poll() is not None, 120, "docpipe up")
+        assert up.poll() is None, up.stdout.read()
+        started = _children(up.pid)
+        assert len(started) >= 6  # redis, moto, the S3 front, the emulator, the receiver, a worker, Flower
+        env_file = Path(json.loads(state.read_text())["workdir"]) / "docpipe.env"
+        assert "DOCPIPE_REDIS_URL" in env_file.read_text() and oct(env_file.stat().st_mode & 0o777) == "0o600"
+        if stop == "down":
+            down = subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], env=env, capture_output=True, text=True, timeout=120)
+            assert down.returncode == 0, down.stdout + down.stderr
+        else:
+            up.send_signal(signal.SIGHUP)
+        up.wait(60)
+        output = up.stdout.read()
+    finally:
+        if up.poll() is None:
+            up.kill()
+    for name in ("Redis", "S3", "baidu", "callbacks", "Flower", "password"):
+        assert name in output
+    wait_until(lambda: not any(_alive(pid) for pid in started), 30, "every process of the stack stopped")
+    assert not state.exists()
