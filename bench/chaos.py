@@ -235,7 +235,10 @@ def kill_during(stage: str, kills: int = 3) -> Fault:
             holder, pid = victim
             held = {m.decode().split(" ")[0] for m in chaos.redis.smembers(jobs.held_key(holder))}
             held |= {job for job, s in chaos.states(handles).items() if s["holder"] == holder}
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it died meanwhile (killed a moment ago, not yet reaped): pick again
+                continue
             played.append((time.time(), held & ours))
             chaos.start_worker(wait=False)
         return played

@@ -31,7 +31,7 @@ from pipeline.errors import RateWait
 
 log = logging.getLogger(__name__)
 
-LATE_ENOUGH_TO_RECORD = 0.003  # seconds: later than this, a request's real departure replaces its send time
+LATE_ENOUGH_TO_RECORD = 0.010  # seconds: later than this (the lateness a grant tolerates), a request's real departure replaces its send time
 
 # KEYS[1] = log of scheduled send times (newest first, Redis times in µs); ARGV[1] = requests per
 # window, ARGV[2] = window (µs), ARGV[3] = least spacing between two sends (µs), ARGV[4] = the
@@ -241,6 +241,10 @@ class RateLimiter:
                 metrics.LIMITER_DEFERRALS.labels(key).inc()
                 raise RateWait(key, wait)
             time.sleep(wait)
+
+    def late_by(self, granted: float) -> float:
+        """Seconds since the send time ``granted`` (Redis clock), by this process' clock (< 0: early)."""
+        return time.time() - self._clock.local(granted)
 
     def left_at(self, key: str, rate: Rate, granted: float, left: float) -> bool:
         """The request granted ``granted`` (Redis clock) really left at ``left`` (this process' clock,

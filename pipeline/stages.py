@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded
+from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded, is_outage
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import PollPolicy
 from pipeline.providers import get_provider
@@ -132,6 +132,8 @@ def submit(job: Job) -> Job:
         raise
     except Exception as exc:
         if attempt.task_id is not None:
+            if is_outage(exc):
+                raise  # Redis or S3 away after the task id was recorded: the step runs again and goes on from it
             raise Permanent(
                 f"{job.label()}: the provider accepted task {attempt.task_id} but its answer is unusable "
                 f"({_reason(exc)}); not sending the document again",

@@ -68,8 +68,10 @@ class Submission:
                 self.rt.redis, self.job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=self.accepted_at
             )
         )
-        self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at")
-        self.hold_slot()
+        # The rest is bookkeeping about a task that is safely recorded: a Redis outage here
+        # delays it, it must not turn a good answer into a failed document.
+        self._insist(lambda: self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at"))
+        self._insist(self.hold_slot)
 
     def hold_slot(self) -> None:
         """Keep the slot for as long as the provider may hold the task (its callback can free it sooner)."""

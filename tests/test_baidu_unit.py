@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import base64
 import os
 from urllib.parse import quote_plus
@@ -119,6 +121,9 @@ def test_transport_failures_become_transient_without_the_url_or_token():
         def acquire(self, key, rate, *, max_wait, alone=False, before_send=None):
             if before_send is not None:
                 before_send()
+            return time.time()
+
+        def late_by(self, granted):
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
@@ -208,3 +213,57 @@ def test_combo_leaves_and_locations_as_lists_as_the_table_reads_them():
     result = baidu.normalize(_job(), baidu.GetResultResponse.model_validate(body))
     (field,) = result.fields
     assert (field.name, field.value, field.group, field.row, field.box) == ("单价", "2.30", "rows", 0, leaf[0]["location"][0]["box"])
+
+
+def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_sent_on_a_new_grant():
+    """A worker thread the machine holds between the grant check and its socket: the request is
+    stopped right before its headers go out (httpcore's trace), a new send time is asked for,
+    and the provider sees it once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipeline.config import Settings
+    from pipeline.limits import RateLimiter
+    from pipeline.runtime import Runtime
+
+    arrivals: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrivals.append(time.time())
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class LateOnce(RateLimiter):
+        def __init__(self):
+            self.grants, self.lateness, self._safety = 0, [0.5, 0.0], 0.97  # the first grant is met 500 ms late
+
+        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None):
+            self.grants += 1
+            return float(self.grants)
+
+        def late_by(self, granted):
+            return self.lateness[int(granted) - 1]
+
+        def left_at(self, key, rate, granted, left):
+            return False
+
+    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=f"http://127.0.0.1:{server.server_port}")
+    limiter = LateOnce()
+    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, http=httpx.Client())
+    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
+    provider.rt, provider.settings = runtime, settings
+    try:
+        request = runtime.http.build_request("POST", f"{settings.baidu_base_url}/x", content=b"body")
+        assert provider.send("submit", request).status_code == 200
+    finally:
+        server.shutdown()
+    assert limiter.grants == 2 and len(arrivals) == 1  # held back once, sent once

@@ -137,22 +137,32 @@ class Provider(ABC):
         # A submit records that it leaves between its grant and its send time, not after: a
         # Redis round trip after the send time would make the request leave late, and a late
         # request can share a provider's window with one sent a window after it.
-        try:
-            grant = self.take_token(endpoint, max_wait, alone=alone, before_send=submission.sending if submission is not None else None)
-        except BaseException:
-            if submission is not None:
-                submission.not_sent()  # refused a send time (or the marker): the request never left
-            raise
-        left: list[float] = []
-        request.extensions["trace"] = lambda event, info: left.append(time.time()) if event.endswith("send_request_headers.complete") else None
-        try:
-            response = self.rt.http.send(request)
-        except httpx.TransportError as exc:
-            metrics.REQUESTS.labels(self.name, endpoint, type(exc).__name__).inc()
-            self._transport_failed(endpoint, exc, submission)
-        finally:
-            if grant is not None and left:
-                self._record_departure(grant, left[0])
+        before_send = submission.sending if submission is not None else None
+        while True:
+            try:
+                grant = self.take_token(endpoint, max_wait, alone=alone, before_send=before_send)
+            except BaseException:
+                if submission is not None:
+                    submission.not_sent()  # refused a send time (or the marker): the request never left
+                raise
+            before_send = None  # a submit marked as leaving stays marked while it asks again
+            departure = _Departure(self.rt.limiter, grant)
+            request.extensions["trace"] = departure.trace
+            try:
+                response = self.rt.http.send(request)
+            except _LateDeparture as late:
+                # The machine held this thread past its send time before a byte left: not sent,
+                # and sending now could crowd the next window. The slot stays spent; ask again.
+                metrics.REQUESTS.labels(self.name, endpoint, "held_back_late").inc()
+                log.info("%s %s: held up %.0f ms past its send time before leaving; asking again", self.name, endpoint, late.by * 1000)
+                continue
+            except httpx.TransportError as exc:
+                metrics.REQUESTS.labels(self.name, endpoint, type(exc).__name__).inc()
+                self._transport_failed(endpoint, exc, submission)
+            finally:
+                if grant is not None and departure.left is not None:
+                    self._record_departure(grant, departure.left)
+            break
         metrics.REQUESTS.labels(self.name, endpoint, str(response.status_code)).inc()
         if submission is not None:
             submission.answered = True
@@ -266,3 +276,33 @@ def _retry_after(response: httpx.Response) -> float:
         return max(0.1, float(response.headers.get("retry-after", "1")))
     except ValueError:
         return 1.0
+
+
+class _LateDeparture(Exception):
+    def __init__(self, by: float) -> None:
+        super().__init__(f"{by * 1000:.0f} ms late")
+        self.by = by
+
+
+class _Departure:
+    """Watches a granted request on its way out (httpcore's trace of the connection).
+
+    Right before its headers go out, a request later than its grant tolerates is stopped (the
+    grant was checked before the send, but a loaded machine can hold the thread between that
+    check and the socket); once they are out, the moment is kept for ``RateLimiter.left_at``.
+    """
+
+    def __init__(self, limiter: Any, grant: tuple[str, Rate, float] | None) -> None:
+        self._limiter, self._grant = limiter, grant
+        self.left: float | None = None
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if self._grant is None:
+            return
+        if event.endswith("send_request_headers.started"):
+            _, rate, at = self._grant
+            late = self._limiter.late_by(at)
+            if late > self._limiter.tolerance(rate):
+                raise _LateDeparture(late)
+        elif event.endswith("send_request_headers.complete") and self.left is None:
+            self.left = time.time()
