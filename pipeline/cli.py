@@ -531,13 +531,7 @@ def up(
     stack = LocalStack(workdir.expanduser().resolve(), settings={"DOCPIPE_TUPUTECH_CALLBACK_RULE": "all"})
     try:
         with console.status("starting the local stack..."):
-            stack.start_base(chosen)
-            stack.start_callbacks()
-            names = [f"up{n + 1}" for n in range(workers)]
-            for name in names:
-                stack.start_worker(name, [f"docpipe.{p}" for p in chosen], wait=False)
-            stack.wait_workers(names)
-            stack.start_flower()
+            stack.start_all(chosen, workers, name="up")
         env_file = stack.workdir / "docpipe.env"
         env_file.touch(mode=0o600)
         env_file.write_text("".join(f"export {k}={json.dumps(v)}\n" for k, v in sorted(stack.env.items())))

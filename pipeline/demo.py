@@ -66,13 +66,7 @@ def run_demo(*, count: int, workers: int, out: Path, keep_up: bool, console: Con
     queues = [f"docpipe.{name}" for name in providers]
     try:
         with console.status("starting redis-server, S3 (moto), the emulators, the callback receiver, workers and Flower..."):
-            stack.start_base(providers)
-            stack.start_callbacks()
-            names = [f"demo{n + 1}" for n in range(workers)]
-            for name in names:
-                stack.start_worker(name, queues, wait=False)
-            stack.wait_workers(names)
-            stack.start_flower()
+            stack.start_all(providers, workers, name="demo")
         user, password = stack.flower_auth or ("", "")
         console.print(
             f"stack up: {workers} workers on {', '.join(queues)}; Flower at [link]{stack.flower_url}[/link] "

@@ -411,6 +411,18 @@ class LocalStack:
 
         ensure_buckets()
 
+    def start_all(self, providers: Iterable[str], workers: int, name: str = "w") -> None:
+        """The whole local stack, as ``docpipe demo`` and ``docpipe up`` run it: Redis, S3, the
+        emulators, the callback receiver, ``workers`` workers on every provider's queue, Flower."""
+        providers = tuple(providers)
+        self.start_base(providers)
+        self.start_callbacks()
+        names = [f"{name}{n + 1}" for n in range(workers)]
+        for worker in names:
+            self.start_worker(worker, [f"docpipe.{p}" for p in providers], wait=False)
+        self.wait_workers(names)
+        self.start_flower()
+
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
