@@ -203,6 +203,10 @@ class Chaos:
                 if int(figures.get("limit_violations", 0)):
                     row.limit_violations += int(figures["limit_violations"])
                     row.notes += f" {provider} {endpoint}: {figures['limit_violations']} over its limit;"
+                    for seen in figures.get("violations", []):
+                        print(f"  {row.name}: {provider} {endpoint} over its limit: {json.dumps(seen)}", file=sys.stderr, flush=True)
+            if provider == "baidu" and float(stats.get("loop_lag_max_ms", 0)) > 10:
+                row.notes += f" baidu emulator's loop lagged up to {stats['loop_lag_max_ms']:.0f} ms (its stamps may trail arrivals by that);"
             if provider == "tuputech" and int(stats.get("max_in_flight_seen", 0)) > TUPUTECH_LIMIT:
                 row.limit_violations += int(stats["max_in_flight_seen"]) - TUPUTECH_LIMIT
                 row.notes += f" tuputech: {stats['max_in_flight_seen']} in flight;"
@@ -439,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900.0, help="longest wait for a batch to end")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run")
+    parser.add_argument("--keep", type=Path, default=None, help="run in this directory and keep it (logs of every process)")
     args = parser.parse_args(argv)
     chosen = {k: v for k, v in scenarios(args.fault_seconds).items() if not args.only or k in args.only}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="docpipe-chaos-") as tmp:
-        chaos = Chaos(Path(tmp), args.workers)
+        workdir = Path(tmp) if args.keep is None else args.keep
+        workdir.mkdir(parents=True, exist_ok=True)
+        chaos = Chaos(workdir, args.workers)
         try:
             chaos.start()
             print(f"{'scenario':<26} {'docs':>5} {'archived':>8} {'failed':>6} {'lost':>4} {'twice':>8} {'extra tasks':>11} "

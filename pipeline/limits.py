@@ -83,6 +83,13 @@ return 1
 """
 
 
+# KEYS[1] = the log; ARGV[1] = a send time it holds (µs). A grant whose request never left is
+# taken out, so the slot it held is free again for whoever asks next (its caller, asking again).
+_GIVE_BACK_LUA = """
+return redis.call('LREM', KEYS[1], 1, ARGV[1])
+"""
+
+
 @dataclass(frozen=True)
 class Rate:
     """``count`` requests in any ``per`` seconds, as a provider documents it."""
@@ -139,6 +146,24 @@ class _RedisClock:
             self.observe(asked, time.time(), seconds + micros / 1_000_000)
 
 
+class _Durations:
+    """Recent durations of one step (the 90th percentile of the last few), to start it that far ahead."""
+
+    def __init__(self, samples: int = 32, first_guess: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        self._seen: deque[float] = deque(maxlen=samples)
+        self._first_guess = first_guess
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._seen.append(seconds)
+
+    def p90(self) -> float:
+        with self._lock:
+            ordered = sorted(self._seen)
+        return ordered[int(0.9 * (len(ordered) - 1))] if ordered else self._first_guess
+
+
 class RateLimiter:
     """Grants send times from Redis-held sliding-window logs, one log per key.
 
@@ -163,6 +188,8 @@ class RateLimiter:
         self._spacing = spacing
         self._script = client.register_script(_SLIDING_LOG_LUA)
         self._reschedule = client.register_script(_RESCHEDULE_LUA)
+        self._give_back = client.register_script(_GIVE_BACK_LUA)
+        self._before_send_takes: dict[str, _Durations] = {}
         self._gates: dict[str, threading.Lock] = {}
         self._clock = _RedisClock()
         self.late_sends = 0  # send times given up because they reached us too late (a metric, not an error)
@@ -213,18 +240,25 @@ class RateLimiter:
         started = time.monotonic()
         deadline = started + max_wait
         self._clock.calibrate(self._redis)
+        # What runs between grant and send (a submit recording that it leaves: Redis round trips)
+        # is timed, and started that far ahead of the send time; the grant is asked for that much
+        # further ahead, so the request still leaves on time however far Redis is.
+        prep = self._before_send_takes.setdefault(key, _Durations(first_guess=2 * self._clock.lead())) if before_send else None
         while True:
-            # A step to take between grant and send is one more Redis round trip: ask that much further ahead.
-            lead = self._clock.lead() * (2 if before_send else 1)
+            lead = self._clock.lead() + (prep.p90() + 0.002 if prep is not None and before_send is not None else 0.0)
             wait, _, at = self._ask(key, rate, lead, deadline - time.monotonic())
             if at:
-                if before_send is not None:
-                    # Right before the send time, not at the grant (up to max_wait ahead): what
-                    # before_send records (a submit "leaving") should be true within a round trip.
-                    early = self._clock.local(at) - time.time() - lead / 2
+                if before_send is not None and prep is not None:
+                    early = self._clock.local(at) - time.time() - prep.p90() - 0.002
                     if early > 0:
                         time.sleep(early)
-                    before_send()
+                    begun = time.monotonic()
+                    try:
+                        before_send()
+                    except BaseException:
+                        self.give_back(key, at)
+                        raise
+                    prep.add(time.monotonic() - begun)
                     before_send = None
                 early = self._clock.local(at) - time.time()
                 if early > 0:
@@ -235,12 +269,22 @@ class RateLimiter:
                     metrics.LIMITER_WAIT.labels(key).observe(time.monotonic() - started)
                     return at
                 self.late_sends += 1
-                log.info("rate limit %s: send time reached us %.0f ms late; asking again", key, -early * 1000)
+                self.give_back(key, at)
+                log.info("rate limit %s: send time reached us %.0f ms late; given back, asking again", key, -early * 1000)
                 continue
             if time.monotonic() + wait > deadline:
                 metrics.LIMITER_DEFERRALS.labels(key).inc()
                 raise RateWait(key, wait)
             time.sleep(wait)
+
+    def give_back(self, key: str, granted: float) -> None:
+        """Take the send time ``granted`` (Redis clock) out of the log: its request never left (a
+        thread held past it, a step before the send that failed), so the slot is free again.
+        A Redis blip here only costs the slot."""
+        try:
+            self._give_back(keys=[f"{self._prefix}:{key}"], args=[f"{round(granted * 1_000_000)}"])
+        except redis.RedisError as exc:
+            log.info("rate limit %s: could not give back an unused send time (%s)", key, type(exc).__name__)
 
     def late_by(self, granted: float) -> float:
         """Seconds since the send time ``granted`` (Redis clock), by this process' clock (< 0: early)."""

@@ -164,3 +164,32 @@ def test_a_request_that_left_late_moves_its_place_so_the_next_window_counts_from
     assert not limiter.left_at(key, rate, second, limiter._clock.local(second))  # on time: nothing to move
     third = limiter.acquire(key, rate, max_wait=5.0)
     assert third - (first + 0.2) >= 1 / 0.97 - 1e-3  # a whole (widened) window after the late departure
+
+
+def test_a_send_time_given_back_frees_its_slot_for_the_next_caller(stack):
+    """A request that never left (held past its send time, or stopped before it) gives its send
+    time back: the slot is free again at once, instead of lost for a whole window."""
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
+    key, rate = f"test:give-back:{time.time()}", Rate(2, per=1.0)
+    limiter.acquire(key, rate, max_wait=5.0)
+    unused = limiter.acquire(key, rate, max_wait=5.0)
+    assert limiter.try_acquire(key, rate)[0] > 0  # the window is full
+    limiter.give_back(key, unused)
+    wait, _ = limiter.try_acquire(key, rate)
+    assert wait == 0  # the slot the unused grant held is taken at once
+
+
+def test_what_runs_before_the_send_is_started_early_enough_to_leave_on_time(stack):
+    """A submit records that it is leaving between its grant and its send time; that step is timed
+    and started that far ahead, so the request leaves on its send time even when the step is slow
+    (Redis far away), and the grant is not wasted."""
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
+    key, rate = f"test:before-send:{time.time()}", Rate(2, per=1.0)
+    limiter.acquire(key, rate, max_wait=5.0, before_send=lambda: time.sleep(0.05))  # the first one learns how long it takes
+    assert limiter.late_sends <= 1  # ... at the cost of one grant given back at most
+    limiter.late_sends, lateness = 0, []
+    for _ in range(4):
+        at = limiter.acquire(key, rate, max_wait=5.0, before_send=lambda: time.sleep(0.05))
+        lateness.append(limiter.late_by(at))
+    assert limiter.late_sends == 0, lateness
+    assert all(late <= limiter.tolerance(rate) for late in lateness), lateness
