@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig
+from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig, ProcessingModel, TaskRecord
 from emulators.documents import analyse, box_for, directive, int_argument
 from emulators.formats import IMAGE_KINDS, SUFFIXES, kind_of
 
@@ -100,6 +100,7 @@ class Config(EmulatorConfig):
     get_result_qps: float = 10.0  # line 9: "该接口支持10QPS"
     processing_min: float = 3.0  # seconds; each task draws uniformly from [min, max]
     processing_max: float = 10.0
+    processing: ProcessingModel = ProcessingModel()  # by size, for the polling benchmark
     failure_rate: float = 0.0
     # Where the seed's table and its own example disagree, the example is the default (it is
     # what the service sent when it was captured); the other value is the table's reading.
@@ -134,6 +135,7 @@ class Task:
     words: asyncio.Future | None = None  # the recognition, computed once in a thread after submit
     reason: str = FAILED_REASON  # why a failing task failed
     answer: str = ""  # a directed get_result answer: "not-json" or "bad-shape"
+    record: TaskRecord | None = None
 
 
 def _clock_text(ts: float) -> str:
@@ -223,6 +225,9 @@ class BaiduEmulator(Emulator):
         self.tokens = {t: (acct, 0.0, generation) for t, (acct, _, generation) in self.tokens.items()}
         return JSONResponse({"expired": len(self.tokens)})
 
+    def timelines(self) -> dict[str, Any]:
+        return self.task_records((t.record for t in self.tasks.values()))
+
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         self.extra_stats["tasks"] = {
@@ -250,7 +255,7 @@ class BaiduEmulator(Emulator):
         if now >= expires_at or generation != self.token_generation(now):
             return None, _error(111)
         if not self.window.allow(f"{account}:{endpoint}", qps):
-            stats.limit_violations += 1
+            self.refused_over_limit(endpoint, f"{account}:{endpoint}")
             return None, _error(18)
         faults = self.config.faults
         if self.inject(endpoint, faults.drop_rate):
@@ -332,7 +337,7 @@ class BaiduEmulator(Emulator):
             task_id="task-" + "".join(self.rng.choice(alphabet) for _ in range(16)),  # as "task-2m8g3dhqmrv9cxfe"
             account=account,
             created=now,
-            ready_at=now + self.rng.uniform(self.config.processing_min, self.config.processing_max),
+            ready_at=now + self.config.processing.draw(self.rng, len(data), self.config.processing_min, self.config.processing_max),
             fails=self.roll(self.config.failure_rate),
             data=data,
             fmt=kind,
@@ -340,6 +345,7 @@ class BaiduEmulator(Emulator):
         )
         # Recognise once, off the event loop, so that the loop stamps arrivals without stalls.
         task.words = asyncio.ensure_future(asyncio.to_thread(self._recognise, task))
+        task.record = TaskRecord(task.task_id, task.created, task.ready_at)
         self.tasks[task.task_id] = task
         return task
 
@@ -388,6 +394,8 @@ class BaiduEmulator(Emulator):
         self.accept("get_result")
         now = time.time()
         done = now >= task.ready_at
+        if task.record is not None:
+            task.record.asked(now, done)
         info: dict[str, Any] = {"task_id": task.task_id, "status": self.config.running_status}
         if not done or task.fails:
             info["reason"] = ""  # the running example (line 426) has it; the success example does not
@@ -395,7 +403,8 @@ class BaiduEmulator(Emulator):
             created=self._moment(task.created),
             started=self._moment(task.created),
             finished=self._moment(task.ready_at if done else None),
-            duration=int(min(now, task.ready_at) - task.created),
+            # As the seed's example has it (55 s to 02 s: 7): the difference of the two stamps shown, to the second.
+            duration=int(min(now, task.ready_at)) - int(task.created),
         )
         body: dict[str, Any] = {"error_code": 0, "error_msg": "", "log_id": _log_id(), "task_result": info}
         if not done:

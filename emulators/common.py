@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import math
 import random
 import threading
 import time
@@ -70,6 +71,8 @@ class EndpointStats:
     # The most arrivals in any 1 s, kept as they come: the stats route must not sort every
     # arrival on the event loop (it did, and a busy referee stamped the next requests late).
     max_in_1s: int = 0
+    last_stamp_doubt: float = 0.0  # how long the loop had been away when the last arrival was stamped
+    violations: list[dict[str, Any]] = field(default_factory=list)  # the first few, with what the referee saw
     _last_second: deque[float] = field(default_factory=deque, repr=False)
 
     def arrived(self, at: float) -> None:
@@ -95,6 +98,7 @@ class EndpointStats:
             "first_at": self.arrivals[0] if self.arrivals else None,
             "last_at": self.arrivals[-1] if self.arrivals else None,
             "span_seconds": span,
+            "violations": self.violations,
         }
 
 
@@ -128,9 +132,81 @@ class SlidingWindowLimit:
             q.append(now)
             return True
 
+    def recent(self, key: str) -> list[float]:
+        """The accepted arrivals still in ``key``'s window, as wall-clock times."""
+        shift = time.time() - time.monotonic()
+        with self._lock:
+            return [round(t + shift, 4) for t in self._accepted.get(key, ())]
+
     def reset(self) -> None:
         with self._lock:
             self._accepted.clear()
+
+
+class ProcessingModel(BaseModel):
+    """How long a task takes, for the benchmarks of polling: uniform in [min, max] by default;
+    with ``seconds_per_mb`` > 0, proportional to the document's size, times a log-normal factor
+    of spread ``noise`` (a provider whose work grows with the document, as OCR's does)."""
+
+    seconds_per_mb: float = 0.0
+    noise: float = 0.0
+
+    def draw(self, rng: random.Random, size: int, low: float, high: float) -> float:
+        if self.seconds_per_mb <= 0:
+            return rng.uniform(low, high)
+        return max(0.1, self.seconds_per_mb * size / 1_000_000 * math.exp(rng.gauss(0.0, self.noise)))
+
+
+@dataclass
+class TaskRecord:
+    """One task's life as the referee of polling sees it: when it finished, how many result calls
+    it took, when the first answer that said "done" left."""
+
+    task_id: str
+    created: float
+    ready_at: float
+    result_calls: int = 0
+    seen_done_at: float | None = None
+
+    def asked(self, now: float, done: bool) -> None:
+        self.result_calls += 1
+        if done and self.seen_done_at is None:
+            self.seen_done_at = now
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "processing": self.ready_at - self.created, "result_calls": self.result_calls,
+                "delay": None if self.seen_done_at is None else self.seen_done_at - self.ready_at}
+
+
+class LoopWatch:
+    """How late the event loop runs: the referee's own doubt about its arrival stamps.
+
+    A request is stamped when the loop gets to it; if the loop was away (the GIL held by a
+    decoding thread, the process not scheduled), the request may have arrived any time since the
+    loop last ran. A tick every few milliseconds marks when it last ran, so each stamp carries
+    its doubt, and the statistics carry the worst lag seen.
+    """
+
+    TICK = 0.004
+
+    def __init__(self) -> None:
+        self.last_tick = time.time()
+        self.max_lag = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            before = time.time()
+            await asyncio.sleep(self.TICK)
+            self.last_tick = time.time()
+            self.max_lag = max(self.max_lag, self.last_tick - before - self.TICK)
+
+    def doubt(self, stamp: float) -> float:
+        return max(0.0, stamp - self.last_tick - self.TICK)
 
 
 class Emulator:
@@ -146,6 +222,12 @@ class Emulator:
         self._client: httpx.AsyncClient | None = None
         self._token_generation = 0
         self._next_token_expiry = self._expiry_schedule(time.time())
+        self.loop_watch = LoopWatch()
+        self.counting_since = time.time()
+
+    def task_records(self, records: Any) -> dict[str, Any]:
+        """``timelines`` of an emulator whose tasks are polled: each task's record since the last reset."""
+        return {"tasks": [r.as_dict() for r in records if r is not None and r.created >= self.counting_since]}
 
     def http(self) -> httpx.AsyncClient:
         """One client for every outgoing request (downloads, callbacks), built on first use.
@@ -159,10 +241,29 @@ class Emulator:
         return self._client
 
     def arrive(self, endpoint: str) -> EndpointStats:
+        now = time.time()
+        self.loop_watch.start()
         stats = self.stats[endpoint]
         stats.requests += 1
-        stats.arrived(time.time())
+        stats.arrived(now)
+        stats.last_stamp_doubt = self.loop_watch.doubt(now)
         return stats
+
+    def refused_over_limit(self, endpoint: str, key: str) -> None:
+        """Count a request over the documented limit, keeping what the referee saw: the arrivals
+        in the window it closed and how far each stamp may trail its real arrival (how long the
+        event loop had been away when it was stamped). A violation with a doubtful stamp is
+        still a violation, but its record says whose clock to look at."""
+        stats = self.stats[endpoint]
+        stats.limit_violations += 1
+        if len(stats.violations) < 20:
+            window = self.window.recent(key)
+            stats.violations.append({
+                "at": stats.arrivals[-1] if stats.arrivals else time.time(),
+                "window": window,
+                "stamp_doubt_ms": round(stats.last_stamp_doubt * 1000, 1),
+                "loop_lag_max_ms": round(self.loop_watch.max_lag * 1000, 1),
+            })
 
     def accept(self, endpoint: str) -> None:
         """The request was served (not refused by a limit, a fault or a validation error)."""
@@ -249,6 +350,8 @@ class Emulator:
     def reset(self) -> None:
         self.stats.clear()
         self.window.reset()
+        self.loop_watch.max_lag = 0.0
+        self.counting_since = time.time()
         self.extra_stats.clear()
         self.documents = DocumentCounts()
 
@@ -256,7 +359,7 @@ class Emulator:
 
     def snapshot(self) -> dict[str, Any]:
         endpoints = {name: s.as_dict() for name, s in self.stats.items()}
-        return {"endpoints": endpoints, **self.extra_stats, "documents": self.documents.as_dict()}
+        return {"endpoints": endpoints, "loop_lag_max_ms": round(self.loop_watch.max_lag * 1000, 1), **self.extra_stats, "documents": self.documents.as_dict()}
 
     async def _stats(self, request: Request) -> JSONResponse:
         payload = self.snapshot()

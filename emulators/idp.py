@@ -65,7 +65,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig
+from emulators.common import DroppedConnection, Emulator, EmulatorApp, EmulatorConfig, ProcessingModel, TaskRecord
 from emulators.documents import PageContent, analyse, box_for, directive, int_argument
 from emulators.formats import kind_of, suffix_for
 
@@ -147,6 +147,7 @@ class Config(EmulatorConfig):
     accepted_formats: list[str] = ["pdf", "png", "jpeg", "bmp", "tiff"]
     processing_min: float = 2.0  # seconds; each document draws uniformly from [min, max]
     processing_max: float = 8.0
+    processing: ProcessingModel = ProcessingModel()  # by size, for the polling benchmark
     failure_rate: float = 0.0
     failure_statuses: list[int] = [TEXT_FAILED, PRELABEL_FAILED, FILE_CHECK_FAILED]
     # Where the seed's tables and its examples disagree, the examples are the default (they are
@@ -227,6 +228,7 @@ class Extract:
     pages: list[PageContent] | None = None  # analysed on first need
     highlight: bytes | None = None  # rendered on first download
     download_key: str | None = None
+    record: TaskRecord | None = None
 
     @property
     def ready_at(self) -> float:
@@ -400,6 +402,9 @@ class IdpEmulator(Emulator):
         super().reset()
         self.failures.clear()
         self.locked_until.clear()
+
+    def timelines(self) -> dict[str, Any]:
+        return self.task_records((e.record for e in self.extracts.values()))
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
@@ -585,7 +590,7 @@ class IdpEmulator(Emulator):
         self, task_id: int, name: str, data: bytes, fmt: str, params: TaskParams, found: tuple[str, str] | None = None
     ) -> Extract:
         now = time.time()
-        duration = self.rng.uniform(self.config.processing_min, self.config.processing_max)
+        duration = self.config.processing.draw(self.rng, len(data), self.config.processing_min, self.config.processing_max)
         succeeds = not self.roll(self.config.failure_rate)
         final = self.config.success_status if succeeds else self.rng.choice(self.config.failure_statuses)
         behaviour, argument = found or ("", "")
@@ -605,6 +610,7 @@ class IdpEmulator(Emulator):
             succeeds=succeeds,
             answer=behaviour if behaviour in ("not-json", "bad-shape") else "",
         )
+        extract.record = TaskRecord(str(extract.id), now, extract.ready_at)
         self.extracts[extract.id] = extract
         return extract
 
@@ -660,8 +666,11 @@ class IdpEmulator(Emulator):
         if extract.answer == "bad-shape":
             self.directed("bad-shape", "result")
             return JSONResponse({"code": 200, "message": MSG_RESULT_OK, "status": 200})
-        item = await self._item(extract, time.time())
+        now = time.time()
+        item = await self._item(extract, now)
         self.accept("result")
+        if extract.record is not None:
+            extract.record.asked(now, now >= extract.ready_at)
         return JSONResponse({"code": 200, "item": item, "message": MSG_RESULT_OK, "status": 200})
 
     def _lookup(self, extract_id: int) -> Extract:

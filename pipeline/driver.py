@@ -167,6 +167,8 @@ def _execute(stage_name: str, job: Job) -> Next | None:
     if delay is not None:
         return Next(stage_name, job, delay)
     following = FOLLOWING.get(stage_name)
+    if following == "fetch" and job.parked:  # the poll that saw it done carried the result
+        following = "archive"
     return None if following is None else Next(following, job)
 
 

@@ -49,6 +49,9 @@ class Job(BaseModel):
     submitted_at: float | None = None
     provider_status: str | None = None  # the provider's last word on the task, as it said it
     polls: int = 0
+    last_polled_at: float | None = None  # when a poll last found the task not done (bounds its processing time)
+    poll_asked_for: float | None = None  # when the next poll was scheduled to run (how late polls run is learnt from it)
+    parked: bool = False  # the poll that found it done carried the result, and it is in the work area already
     attempts: int = 0  # transient failures of the current stage so far
 
     def label(self) -> str:

@@ -18,6 +18,7 @@ import redis
 from pipeline.config import Settings, get_settings
 from pipeline.jobs import JobLedger
 from pipeline.limits import LeaseSemaphore, RateLimiter
+from pipeline.polling import ProcessingTimes
 
 # httpx logs every request URL at INFO, and some providers put the access token in the
 # query string: keep that logger quiet so no token reaches a log line.
@@ -69,6 +70,7 @@ class Runtime:
     leases: LeaseSemaphore
     ledger: JobLedger
     http: httpx.Client
+    processing: ProcessingTimes
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -94,6 +96,7 @@ def get_runtime() -> Runtime:
         leases=LeaseSemaphore(client),
         ledger=JobLedger(client, grace=settings.step_grace, stall=settings.step_stall),
         http=httpx.Client(timeout=settings.http_timeout, limits=httpx.Limits(max_connections=20)),
+        processing=ProcessingTimes(client),
     )
 
 

@@ -21,8 +21,9 @@ from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
 from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded, is_outage
 from pipeline.models import DocumentInfo, Job, JobError
-from pipeline.polling import PollPolicy
+from pipeline.polling import LearnedSchedule, Lateness, Observation, PollPolicy, observed_processing
 from pipeline.providers import get_provider
+from pipeline.providers.base import Fetched
 from pipeline.runtime import get_runtime
 from pipeline.submission import Submission
 
@@ -175,13 +176,48 @@ def poll_policy(provider_name: str, job: Job) -> PollPolicy:
     )
 
 
+# A document waiting for its first poll under the backoff ladder (nothing learnt yet) looks again
+# this often whether a schedule has been learnt meanwhile (no provider call, a message to itself).
+RELEARN_EVERY = 5.0
+# Two polls of one document never closer than this, whatever the schedule says.
+MIN_POLL_GAP = 0.25
+
+
+def learned_schedule(job: Job) -> tuple[LearnedSchedule, float] | None:
+    """The adaptive schedule for this job's provider and the job's predicted processing time, or
+    None while too little has been seen (or the policy is ``backoff``)."""
+    s = get_settings()
+    if s.poll_policy != "adaptive" or job.options.get("first_poll_delay") is not None:
+        return None
+    schedule = get_runtime().processing.schedule(job.provider, budget=s.poll_call_budget, min_samples=s.poll_learn_after)
+    if schedule is None:
+        return None
+    document = job.document
+    predicted = schedule.predict(document.size if document else None, document.pages if document else None)
+    return None if predicted is None else (schedule, predicted)
+
+
+LATENESS = Lateness()
+
+
 def await_result(job: Job) -> tuple[Job, float | None]:
     """Poll once if it is time; return the job and the seconds until the next poll (None: done)."""
     policy = poll_policy(job.provider, job)
     submitted_at = job.submitted_at or time.time()
     now = time.time()
-    if job.polls == 0 and now < submitted_at + policy.first_delay:
-        return job, submitted_at + policy.first_delay - now
+    if job.poll_asked_for is not None:
+        LATENESS.observe(now - job.poll_asked_for)
+    learned = learned_schedule(job)
+    if learned is not None:
+        schedule, predicted = learned
+        due = submitted_at + schedule.poll_at(job.polls, predicted)
+        if job.last_polled_at is not None:
+            due = max(due, job.last_polled_at + MIN_POLL_GAP)
+        ask = due - LATENESS.typical()
+        if now < ask:
+            return _again_at(job, ask, now)
+    elif job.polls == 0 and now < submitted_at + policy.first_delay:
+        return _again_at(job, now + min(submitted_at + policy.first_delay - now, RELEARN_EVERY), now)
     if policy.expired(submitted_at, now):
         last = f", last status {job.provider_status}" if job.provider_status else ""
         raise DeadlineExceeded(
@@ -190,28 +226,60 @@ def await_result(job: Job) -> tuple[Job, float | None]:
             code="deadline_exceeded",
             provider_code=job.provider_status,
         )
+    provider = get_provider(job.provider)
     try:
-        outcome = get_provider(job.provider).poll(job)
+        outcome = provider.poll(job)
     except RateWait as wait:
-        # The result endpoint is busy: come back after the token we were told of, spread over
-        # up to one poll interval so that the refused polls do not all race for the same one.
-        return job, wait.delay + random.uniform(0.0, policy.next_delay(max(job.polls, 1)))
+        # The result endpoint is busy: come back after the token we were told of, spread a little
+        # so that the refused polls do not all race for the same one.
+        return _again_at(job, now + wait.delay + random.uniform(0.0, min(0.5, policy.next_delay(max(job.polls, 1)))), now)
     status = None if outcome.status is None else str(outcome.status)
     job = job.model_copy(update={"polls": job.polls + 1, "provider_status": status or job.provider_status})
     if not outcome.done:
         log.debug("%s: poll %d: %s", job.label(), job.polls, outcome.detail)
-        return job, policy.next_delay(job.polls)
+        job = job.model_copy(update={"last_polled_at": now})
+        if learned is not None:
+            schedule, predicted = learned
+            due = max(submitted_at + schedule.poll_at(job.polls, predicted), now + MIN_POLL_GAP)
+            return _again_at(job, min(due - LATENESS.typical(), now + policy.max_delay), time.time())
+        return _again_at(job, time.time() + policy.next_delay(job.polls), time.time())
     if outcome.error is not None:
         raise outcome.error
-    return job, None
+    _learn(job, submitted_at, outcome.reported)
+    if outcome.answer is not None:  # the answer is the result: parse and park it now, no second call
+        job = _park(job, provider.fetch(job, outcome.answer)).model_copy(update={"parked": True})
+    return job.model_copy(update={"poll_asked_for": None}), None
+
+
+def _again_at(job: Job, at: float, now: float) -> tuple[Job, float]:
+    """Poll again at ``at``, remembering when that was asked for."""
+    at = max(at, now)
+    return job.model_copy(update={"poll_asked_for": at}), at - now
+
+
+def _learn(job: Job, submitted_at: float, reported: tuple[float, float] | None) -> None:
+    """Teach the adaptive schedule how long this document took (a Redis blip only costs the lesson)."""
+    seconds, uncertainty = observed_processing(submitted_at, job.last_polled_at, time.time(), reported)
+    document = job.document
+    size, pages = (document.size, document.pages) if document else (None, None)
+    try:
+        get_runtime().processing.observe(job.provider, Observation(seconds, size, pages, uncertainty))
+    except Exception as exc:  # noqa: BLE001 - the poll's news matters more than the statistics
+        log.info("%s: processing time not recorded (%s)", job.label(), type(exc).__name__)
 
 
 # --- fetch ---------------------------------------------------------------------------------
 
 
 def fetch(job: Job) -> Job:
-    """Get the full result and park it, with its raw payload and artifacts, in the work area."""
-    fetched = get_provider(job.provider).fetch(job)
+    """Get the full result and park it, with its raw payload and artifacts, in the work area
+    (done already when the poll that saw the task finish carried the result)."""
+    if job.parked:
+        return job
+    return _park(job, get_provider(job.provider).fetch(job))
+
+
+def _park(job: Job, fetched: Fetched) -> Job:
     result = fetched.result.model_copy(update={"artifacts": sorted(fetched.artifacts)})
     if job.submitted_at:
         result.submitted_at = datetime.fromtimestamp(job.submitted_at, timezone.utc)

@@ -6,6 +6,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from pipeline import DocumentFailedError, enqueue, enqueue_many, storage
@@ -184,3 +185,16 @@ def test_a_worker_killed_mid_batch_loses_no_document(stack, baidu, docs):
     assert unknown <= 1  # one kill, at most one submit out at that instant
     # Nothing submitted twice: one task per archived document, and at most one for the unknown one.
     assert len(samples) - unknown <= baidu.endpoint("submit")["accepted"] <= len(samples)
+
+
+@pytest.mark.parametrize("provider", ["baidu", "idp"])
+def test_the_answer_that_says_done_is_the_result_and_is_not_asked_for_again(provider, docs, stack):
+    """Baidu's get_result and idp's result answer "done" with the whole result: the poll that
+    sees it is the last result call; the document is archived from that answer."""
+    samples = make_batch(docs, 3)
+    # The emulators finish within 2 s here; a first poll 3 s after submit finds every task done.
+    handles = [enqueue(s.path, provider=provider, options={"first_poll_delay": 3.0}) for s in samples]
+    results = [h.wait(timeout=120) for h in handles]
+    stats = httpx.get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
+    calls = {t["task_id"]: t["result_calls"] for t in stats["tasks"]}
+    assert [calls[str(r.provider_task_id)] for r in results] == [1, 1, 1]

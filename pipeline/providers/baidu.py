@@ -369,10 +369,10 @@ class BaiduProvider(Provider):
         return GetResultResponse.model_validate(body), body
 
     def poll(self, job: Job) -> PollOutcome:
-        parsed, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
+        parsed, body = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
         status = parsed.task_result.status
         if status == "Success":
-            return PollOutcome(done=True, status=status)
+            return PollOutcome(done=True, status=status, reported=_reported(parsed.task_result), answer=body)
         if status == "Failed":
             reason = parsed.task_result.reason or "no reason given"
             return PollOutcome(
@@ -386,11 +386,22 @@ class BaiduProvider(Provider):
         detail = status if status in STATUSES else f"{status} (not a status the seed lists)"
         return PollOutcome(done=False, status=status, detail=detail)
 
-    def fetch(self, job: Job) -> Fetched:
-        parsed, body = self._get_result(job)
+    def fetch(self, job: Job, answer: Any = None) -> Fetched:
+        if answer is not None:
+            parsed, body = GetResultResponse.model_validate(answer), answer
+        else:
+            parsed, body = self._get_result(job)
         if parsed.task_result.status != "Success":
             raise Transient(f"baidu get_result: status {parsed.task_result.status} after Success", code="status_regressed")
         return Fetched(result=normalize(job, parsed), raw=body)
+
+
+def _reported(result: TaskResult) -> tuple[float, float] | None:
+    """``duration`` is given in whole seconds (the seed's example: 7, from 15:37:55 to 15:38:02):
+    the task took between one second less and one second more."""
+    if isinstance(result.duration, (int, float)) and result.duration >= 0:
+        return max(0.0, result.duration - 1.0), result.duration + 1.0
+    return None
 
 
 def normalize(job: Job, parsed: GetResultResponse) -> NormalizedResult:

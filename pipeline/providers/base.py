@@ -39,6 +39,12 @@ class PollOutcome:
     error: DocpipeError | None = None
     detail: str = ""
     status: str | int | None = None
+    # The provider's own account of how long the task took, as an interval of seconds (durations
+    # it gives to the second); it teaches the poll schedule (``pipeline.polling``).
+    reported: tuple[float, float] | None = None
+    # When the answer that says "done" is the whole result (one endpoint for both), it is kept
+    # here and ``fetch`` parses it instead of asking the provider a second time.
+    answer: Any = None
 
 
 @dataclass
@@ -152,7 +158,9 @@ class Provider(ABC):
                 response = self.rt.http.send(request)
             except _LateDeparture as late:
                 # The machine held this thread past its send time before a byte left: not sent,
-                # and sending now could crowd the next window. The slot stays spent; ask again.
+                # and sending now could crowd the next window. The slot goes back; ask again.
+                if grant is not None:
+                    self.rt.limiter.give_back(grant[0], grant[2])
                 metrics.REQUESTS.labels(self.name, endpoint, "held_back_late").inc()
                 log.info("%s %s: held up %.0f ms past its send time before leaving; asking again", self.name, endpoint, late.by * 1000)
                 continue
@@ -226,8 +234,9 @@ class Provider(ABC):
         """Ask once whether the provider is done with the task."""
 
     @abstractmethod
-    def fetch(self, job: Job) -> Fetched:
-        """Get the full result and artifacts, parsed and normalized."""
+    def fetch(self, job: Job, answer: Any = None) -> Fetched:
+        """Get the full result and artifacts, parsed and normalized; ``answer`` is the poll's
+        ``PollOutcome.answer`` when it carried the result already."""
 
     def finished(self, job: Job) -> None:
         """The document reached its end (archived or failed): release what the provider held."""

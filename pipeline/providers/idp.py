@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -323,14 +324,14 @@ class IdpProvider(Provider):
     def poll(self, job: Job) -> PollOutcome:
         """Done at a documented success or failure. Everything else, the seed's own "text converted"
         (3) included, is a step on the way: ask again until the deadline, whose error names the status."""
-        item, _ = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
+        item, body = self._get_result(job, max_wait=self.settings.poll_inline_wait, alone=True)
         known = item.status in wire.STATUS_NAMES
         name = item.status_name or wire.STATUS_NAMES.get(item.status if item.status is not None else -1, "not a status the seed lists")
         status = f"{item.status} ({name})"
         if not item.final:
             return PollOutcome(done=False, status=status, detail=status if known else f"{status}; waiting until the deadline")
         if item.succeeded:
-            return PollOutcome(done=True, status=status)
+            return PollOutcome(done=True, status=status, reported=_reported(item), answer=body)
         return PollOutcome(
             done=True,
             status=status,
@@ -342,8 +343,13 @@ class IdpProvider(Provider):
             ),
         )
 
-    def fetch(self, job: Job) -> Fetched:
-        item, body = self._get_result(job)
+    def fetch(self, job: Job, answer: Any = None) -> Fetched:
+        if answer is not None:
+            item, body = wire.GetResultResponse.model_validate(answer).item, answer
+            if item is None:
+                raise Transient("idp result: answer without an item", code="malformed_answer")
+        else:
+            item, body = self._get_result(job)
         if not item.succeeded:
             raise Transient(f"idp result: status {item.status} after a final success", code="status_regressed")
         return Fetched(result=normalize(job, item), raw=body, artifacts={"highlight.pdf": self._highlight(job)})
@@ -432,3 +438,15 @@ def pages_of(content: str) -> list[PageText]:
     if not content:
         return []
     return [PageText(number=n, text=text) for n, text in enumerate(content.split("\f"), start=1)]
+
+
+def _reported(item: wire.ExtractItem) -> tuple[float, float] | None:
+    """From ``create_time`` to ``last_update_time`` (both to the second, in the platform's zone:
+    their difference needs no zone): the extraction took within a second of that."""
+    try:
+        created = datetime.strptime(item.create_time or "", "%Y-%m-%d %H:%M:%S")
+        updated = datetime.strptime(item.last_update_time or "", "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return None
+    took = (updated - created).total_seconds()
+    return (max(0.0, took - 1.0), took + 1.0) if took >= 0 else None

@@ -244,7 +244,7 @@ class TuputechProvider(Provider):
             return PollOutcome(done=True, status=code, error=failed)
         return PollOutcome(done=True, status=code)
 
-    def fetch(self, job: Job) -> Fetched:
+    def fetch(self, job: Job, answer: Any = None) -> Fetched:
         payload = self._callback(job)
         if payload is None:
             raise Transient("tuputech fetch: callback no longer in the store", code="callback_missing")
