@@ -346,6 +346,16 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
 
+# KEYS[1] = lease set, KEYS[2] = the "freed" list waiters block on; ARGV[1] = lease id. One round
+# trip: the waiter a release wakes is the critical path of refilling the slot.
+_RELEASE_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], '1')
+redis.call('LTRIM', KEYS[2], 0, 99)
+redis.call('EXPIRE', KEYS[2], 3600)
+return 1
+"""
+
 _COUNT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -369,6 +379,7 @@ class LeaseSemaphore:
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._extend = client.register_script(_EXTEND_LUA)
         self._count = client.register_script(_COUNT_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
 
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self._prefix}:{key}", f"{self._prefix}:{key}:freed"
@@ -395,14 +406,7 @@ class LeaseSemaphore:
 
     def release(self, key: str, lease_id: str) -> bool:
         leases, freed = self._keys(key)
-        removed = bool(self._redis.zrem(leases, lease_id))
-        if removed:
-            pipe = self._redis.pipeline()
-            pipe.lpush(freed, "1")
-            pipe.ltrim(freed, 0, 99)
-            pipe.expire(freed, 3600)
-            pipe.execute()
-        return removed
+        return bool(self._release(keys=[leases, freed], args=[lease_id]))
 
     def held(self, key: str) -> int:
         leases, _ = self._keys(key)
