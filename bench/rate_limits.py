@@ -85,12 +85,15 @@ def measure(stats: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def run_once(stack: LocalStack, docs: list[Path], workers: int, mode: str, run_id: str, rtt_ms: float = 0.0) -> dict[str, Any]:
+def run_once(
+    stack: LocalStack, docs: list[Path], workers: int, mode: str, run_id: str, rtt_ms: float = 0.0, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     from pipeline import enqueue
 
     base = stack.emulator_url("baidu")
     httpx.post(f"{base}/_emulator/reset")
     env = dict(BASELINE) if mode == "celery_rate_limit" else {}
+    env.update(extra_env or {})
     if rtt_ms:
         if "netem-redis" not in stack.procs:
             stack.start_netem("redis", stack.ports["redis"])
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,4,8")
     parser.add_argument("--modes", default="global,celery_rate_limit")
     parser.add_argument("--redis-rtt", default="0", help="round trips (ms) added between the workers and Redis, comma-separated")
+    parser.add_argument("--poll-policy", choices=("backoff", "adaptive"), default="backoff",
+                        help="backoff (default) asks for more than 10 polls/s, so the limiter sets the get_result rate; "
+                        "adaptive is docpipe's default, which polls far less (the submit share is then the one to read)")
     parser.add_argument("--keep", type=Path, default=None, help="run in this directory and keep it (logs of every process)")
     args = parser.parse_args(argv)
 
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             for rtt in (float(r) for r in args.redis_rtt.split(",")):
                 for mode in args.modes.split(","):
                     for workers in (int(w) for w in args.workers.split(",")):
-                        row = run_once(stack, docs, workers, mode, f"{mode}-{workers}-{time.time()}", rtt)
+                        row = run_once(stack, docs, workers, mode, f"{mode}-{workers}-{time.time()}", rtt,
+                                       {"DOCPIPE_POLL_POLICY": args.poll_policy})
                         rows.append(row)
                         print(
                             f"{mode:>18} workers={workers} redis +{rtt:g} ms  submit {row['submit_ratio']:.3f} of 2/s, max {row['submit_max_in_1s']} in 1s, "

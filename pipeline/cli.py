@@ -397,11 +397,11 @@ def reconcile(as_json: JsonOpt = False) -> None:
     from pipeline import preflight
     from pipeline.reconcile import Reconciler
     from pipeline.runtime import get_runtime
-    from workers.tasks import publish
+    from workers.tasks import publish_redriven
 
     rt = get_runtime()
     preflight.check_redis(rt.redis)
-    done = Reconciler(rt.redis, rt.ledger, publish, backlog_grace=rt.settings.backlog_grace).run_once()
+    done = Reconciler(rt.redis, rt.ledger, publish_redriven, backlog_grace=rt.settings.backlog_grace).run_once()
     if as_json:
         _emit({"redriven": [{"job_id": job_id, "why": why} for job_id, why in done.redriven]})
     else:
@@ -604,7 +604,10 @@ def _sleep_until_signalled() -> None:
 
     interrupt_on_termination()
     while True:
-        time.sleep(3600)
+        # Short naps: the kernel may hand SIGHUP/SIGTERM to any thread of the process; Python runs
+        # the handler in the main thread only when it next executes, and a one-hour sleep in the
+        # main thread is not interrupted by a signal another thread took (`up` then ignored SIGHUP).
+        time.sleep(0.5)
 
 
 def main() -> None:

@@ -102,16 +102,22 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if not self.alive():
-            return
+        self.signal(sig)
+        self.reap(time.monotonic() + timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the process (and its group) until ``deadline``; then kill -9 what is left."""
         try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(timeout)
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.signal(signal.SIGKILL)
             self.popen.wait(5)
 
     def kill(self) -> None:
@@ -423,9 +429,19 @@ class LocalStack:
         self.wait_workers(names)
         self.start_flower()
 
-    def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            proc.stop()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every process, in two waves, each signalled at once and given one shared deadline:
+        first those that use the others (workers, Flower, the receiver: a worker's warm shutdown
+        needs Redis to hand back its messages), then the servers. One at a time, a loaded machine
+        made a stack of ten processes take minutes to stop."""
+        clients = [p for name, p in self.procs.items() if name.startswith(("worker-", "flower", "callbacks"))]
+        servers = [p for p in self.procs.values() if p not in clients]
+        for wave in (clients, servers):
+            for proc in wave:
+                proc.signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in wave:
+                proc.reap(deadline)
         self.procs.clear()
 
     def __enter__(self) -> LocalStack:

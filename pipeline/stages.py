@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 STAGES = ("stage", "submit", "await", "fetch", "archive")
 # Redis broker priority per stage (0 is served first): finish started documents before starting new ones.
-STAGE_PRIORITY = {"archive": 0, "fetch": 1, "await": 2, "submit": 3, "stage": 4}
+# Every other level is left free: a step re-driven after a fault (a killed worker's, one found
+# stalled) goes one level ahead of the fresh messages of its stage, so the documents a fault
+# delayed are not also queued behind the whole backlog.
+STAGE_PRIORITY = {"archive": 0, "fetch": 2, "await": 4, "submit": 6, "stage": 8}
+
+
+def priority(step: str, *, redriven: bool = False) -> int:
+    return max(0, STAGE_PRIORITY[step] - (1 if redriven else 0))
 
 
 def work_prefix(job: Job) -> str:
@@ -216,8 +223,8 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         ask = due - LATENESS.typical()
         if now < ask:
             return _again_at(job, ask, now)
-    elif job.polls == 0 and now < submitted_at + policy.first_delay:
-        return _again_at(job, now + min(submitted_at + policy.first_delay - now, RELEARN_EVERY), now)
+    elif job.polls == 0 and now < submitted_at + _cold_first_delay(policy, job):
+        return _again_at(job, now + min(submitted_at + _cold_first_delay(policy, job) - now, RELEARN_EVERY), now)
     if policy.expired(submitted_at, now):
         last = f", last status {job.provider_status}" if job.provider_status else ""
         raise DeadlineExceeded(
@@ -249,6 +256,18 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     if outcome.answer is not None:  # the answer is the result: parse and park it now, no second call
         job = _park(job, provider.fetch(job, outcome.answer)).model_copy(update={"parked": True})
     return job.model_copy(update={"poll_asked_for": None}), None
+
+
+def _cold_first_delay(policy: PollPolicy, job: Job) -> float:
+    """The first poll while nothing is learnt. The provider's advice (baidu: 30 s) is written for a
+    client that never learns; the adaptive policy, which needs processing times to learn from,
+    probes from the ladder's base delay instead (a few calls more, once per deployment). A first
+    delay set by the job or the settings is kept as given."""
+    s = get_settings()
+    advised = job.options.get("first_poll_delay") is None and s.poll_first_delay is None
+    if s.poll_policy == "adaptive" and advised:
+        return min(policy.first_delay, policy.base_delay)
+    return policy.first_delay
 
 
 def _again_at(job: Job, at: float, now: float) -> tuple[Job, float]:

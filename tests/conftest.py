@@ -3,8 +3,10 @@ baidu emulator and two Celery workers. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,13 +85,35 @@ class EmulatorControl:
         return httpx.post(f"{self.base_url}{path}").json()
 
 
-def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:
-    """The session's emulator for ``name``, with its config and statistics reset around each test."""
-    control = EmulatorControl(stack.emulator_url(name))
-    control.reset()
-    stack.activate()
-    yield control
-    control.reset()
+@pytest.fixture(scope="session")
+def locks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every xdist worker of this session shares (the parent of each worker's base temp)."""
+    return tmp_path_factory.getbasetemp().parent
+
+
+@contextmanager
+def _exclusive(locks: Path, name: str) -> Iterator[None]:
+    """Hold ``name`` across the session's xdist workers. A test that drives an emulator resets its
+    statistics, changes its configuration (faults, token lifetimes) and counts what it saw; with a
+    test on another worker doing the same to the same emulator, each saw the other's requests (a
+    direct submit beside docpipe's paced ones reads as a limit violation) and faults it never set.
+    Taken in the order the fixtures are named (baidu, idp, tuputech), so two never deadlock."""
+    with open(locks / f"emulator-{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _emulator(stack: LocalStack, locks: Path, name: str) -> Iterator[EmulatorControl]:
+    """The session's emulator for ``name``, this test's alone, with its config and statistics reset around it."""
+    with _exclusive(locks, name):
+        control = EmulatorControl(stack.emulator_url(name))
+        control.reset()
+        stack.activate()
+        yield control
+        control.reset()
     # A failed login leaves a cool-down for every worker; it must not outlive the test that caused it.
     client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
     for key in client.scan_iter(f"docpipe:cred-cooldown:{name}:*"):
@@ -97,18 +121,18 @@ def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:
 
 
 @pytest.fixture
-def baidu(stack: LocalStack) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, "baidu")
+def baidu(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, locks_dir, "baidu")
 
 
 @pytest.fixture
-def idp(stack: LocalStack) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, "idp")
+def idp(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, locks_dir, "idp")
 
 
 @pytest.fixture
-def tuputech(stack: LocalStack) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, "tuputech")
+def tuputech(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, locks_dir, "tuputech")
 
 
 class RecordedSubmission:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,14 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
         [sys.executable, "-m", "pipeline.cli", "up", "--workers", "1", "--providers", "baidu"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    # Drained as it comes: a pipe nobody reads fills at 64 kB and blocks the writer (and with it `up`).
+    lines: list[str] = []
+    drain = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
+    drain.start()
     state = tmp_path / ".docpipe" / "up.json"
     try:
         wait_until(lambda: state.exists() or up.poll() is not None, 120, "docpipe up")
-        assert up.poll() is None, up.stdout.read()
+        assert up.poll() is None, "".join(lines)
         started = _children(up.pid)
         assert len(started) >= 6  # redis, moto, the S3 front, the emulator, the receiver, a worker, Flower
         env_file = Path(json.loads(state.read_text())["workdir"]) / "docpipe.env"
@@ -59,7 +64,8 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
         else:
             up.send_signal(signal.SIGHUP)
         up.wait(60)
-        output = up.stdout.read()
+        drain.join(10)
+        output = "".join(lines)
     finally:
         if up.poll() is None:
             up.kill()

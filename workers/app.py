@@ -30,7 +30,7 @@ def _start(**_: Any) -> None:
     from pipeline.reconcile import Reconciler, ReconcilerThread
     from pipeline.runtime import get_runtime
     from pipeline.warmup import warm_up
-    from workers.tasks import publish
+    from workers.tasks import publish_redriven
 
     warm_up()
     rt = get_runtime()
@@ -40,7 +40,7 @@ def _start(**_: Any) -> None:
         serve_worker_metrics(rt.settings.metrics_port)
     s = rt.settings
     _background.append(Heartbeat(rt.redis, every=s.heartbeat_every, ttl=s.heartbeat_ttl).start())
-    reconciler = Reconciler(rt.redis, rt.ledger, publish, backlog_grace=s.backlog_grace)
+    reconciler = Reconciler(rt.redis, rt.ledger, publish_redriven, backlog_grace=s.backlog_grace)
     # After a Redis error, a heartbeat's lifetime passes before silence counts as death.
     _background.append(ReconcilerThread(rt.redis, reconciler, every=s.reconcile_every, quiet_after_error=s.heartbeat_ttl + s.heartbeat_every).start())
 

@@ -18,7 +18,7 @@ from pipeline.providers import provider_names
 from workers.app import app
 
 
-def publish(step: str, payload: dict[str, Any], msg: str, countdown: float) -> None:
+def publish(step: str, payload: dict[str, Any], msg: str, countdown: float, *, redriven: bool = False) -> None:
     """Send a job's next message: the step's task on the provider's queue, later stages first."""
     provider = payload["provider"]
     app.send_task(
@@ -26,9 +26,14 @@ def publish(step: str, payload: dict[str, Any], msg: str, countdown: float) -> N
         args=(payload,),
         task_id=msg,
         queue=f"docpipe.{provider}",
-        priority=stages.STAGE_PRIORITY[step],
+        priority=stages.priority(step, redriven=redriven),
         countdown=countdown or None,
     )
+
+
+def publish_redriven(step: str, payload: dict[str, Any], msg: str, countdown: float) -> None:
+    """What the reconciler publishes: ahead of the fresh messages of the same stage."""
+    publish(step, payload, msg, countdown, redriven=True)
 
 
 def _make_task(provider: str, stage_name: str) -> Task:
