@@ -17,7 +17,6 @@ exactly how long to wait. Nothing is granted early.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -60,14 +59,19 @@ if at > now + lead + tonumber(ARGV[5]) then
 end
 redis.call('LPUSH', KEYS[1], string.format('%.0f', at))
 redis.call('LTRIM', KEYS[1], 0, limit - 1)
-redis.call('PEXPIRE', KEYS[1], math.ceil((window + lead) / 1000) + 1000)
+-- The log lives until a window after its furthest send time: a grant made up to the horizon
+-- ahead must still be in the log for the whole window that follows it. (It lived a window from
+-- *now*: a send time granted 2 s ahead outlived its log, the next caller found it empty, and
+-- three requests went out within a second.)
+redis.call('PEXPIRE', KEYS[1], math.ceil((at - now + window) / 1000) + 1000)
 return {0, now, at}
 """
 
 
 # KEYS[1] = the log; ARGV[1] = a send time it holds (µs), ARGV[2] = when that request really left
-# (µs, Redis clock), ARGV[3] = the log's lifetime (ms). Moves the entry to the real time, keeping
-# the log newest first: the grants that follow count from when the request left.
+# (µs, Redis clock), ARGV[3] = the window (µs). Moves the entry to the real time, keeping the log
+# newest first: the grants that follow count from when the request left. The log then lives
+# until a window after its furthest entry.
 _RESCHEDULE_LUA = """
 local entries = redis.call('LRANGE', KEYS[1], 0, -1)
 local found = false
@@ -78,7 +82,9 @@ if not found then return 0 end
 table.sort(entries, function(a, b) return tonumber(a) > tonumber(b) end)
 redis.call('DEL', KEYS[1])
 redis.call('RPUSH', KEYS[1], unpack(entries))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(entries[1]) - now + tonumber(ARGV[3])) / 1000) + 1000)
 return 1
 """
 
@@ -298,9 +304,9 @@ class RateLimiter:
         late = left - self._clock.local(granted)
         if late <= LATE_ENOUGH_TO_RECORD:
             return False
-        ttl_ms = math.ceil(rate.per / self._safety * 1000) + 1000
+        window_us = max(1, int(rate.per / self._safety * 1_000_000))
         moved = self._reschedule(
-            keys=[f"{self._prefix}:{key}"], args=[f"{round(granted * 1_000_000)}", f"{round((granted + late) * 1_000_000)}", ttl_ms]
+            keys=[f"{self._prefix}:{key}"], args=[f"{round(granted * 1_000_000)}", f"{round((granted + late) * 1_000_000)}", window_us]
         )
         if moved:
             self.late_sends += 1

@@ -192,3 +192,17 @@ def test_what_runs_before_the_send_is_started_early_enough_to_leave_on_time(stac
         lateness.append(limiter.late_by(at))
     assert all(late <= limiter.tolerance(rate) for late in lateness), lateness
     assert limiter.late_sends < 5, lateness  # it learnt: not every grant was met late
+
+
+def test_send_times_granted_far_ahead_outlive_a_quiet_spell(stack):
+    """Grants are made up to the caller's horizon ahead. The log must keep them for a window after
+    their send times, not for a window after the moment they were granted: it used to expire ~2 s
+    after the last ask, and the next caller, finding it empty, was sent into the same second as
+    two requests still to leave (three in a second, baidu's error 18, seen in bench.chaos)."""
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
+    key, rate = f"test:far-ahead:{time.time()}", Rate(2, per=1.0)
+    granted = [limiter._ask(key, rate, 0.0, 10.0)[2] for _ in range(12)]  # six windows' worth, 5 s ahead
+    assert all(granted) and granted[-1] - granted[0] > 5.0
+    time.sleep(2.2)  # nobody asks: longer than a window and the old lifetime
+    wait, _ = limiter.try_acquire(key, rate)
+    assert wait > 0  # the last two grants, still ahead, fill their window
