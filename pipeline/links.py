@@ -4,31 +4,37 @@ Why not an S3 presigned URL: tuputech's seed requires the link to answer ``HEAD`
 the size first) and recommends ranged downloads. A presigned URL signs its method, so on real
 S3 a presigned GET refuses HEAD (moto does not check, which is how it went unnoticed), and it
 would name the bucket and key to a third party. Here the link names only the job; the
-receiver checks the signature and the expiry, finds the staged object in the job's record,
-and streams it from S3 with its own credentials: HEAD and single ranges included, pinned to
-the ETag that ``stage`` measured, so the provider gets exactly the bytes docpipe checked.
+receiver checks it, and streams the staged object from S3 with its own credentials: HEAD and
+single ranges included, pinned to the ETag that ``stage`` measured, so the provider gets
+exactly the bytes docpipe checked.
 
-The signature is an HMAC over job id, expiry and ETag with a deployment key: the setting
-``DOCPIPE_LINK_SECRET``, or else one random key per deployment kept in Redis (made once,
-shared by every worker and receiver).
+Where the object is (bucket, key, ETag, format) travels in the link itself, sealed: encrypted
+and authenticated (AES-GCM) with a deployment key, bound to the job id and the expiry. The
+provider learns nothing from it and cannot change a byte of it, and the receiver needs no
+Redis to serve it: a provider that downloads while Redis restarts gets its document (it used
+to get a 500, and after its three tries failed the document with code 14). The key is the
+setting ``DOCPIPE_LINK_SECRET``, or else one random key per deployment kept in Redis (made
+once, shared by every worker and receiver, read once per process).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import json
 import re
 import secrets
 import time
 from collections.abc import Iterator
 
 from botocore.exceptions import ClientError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pipeline import jobs, storage
+from pipeline import storage
 from pipeline.models import Job
 from pipeline.runtime import BuiltOnce, get_runtime
 from pipeline.sniff import FORMAT_EXTENSIONS
@@ -50,6 +56,7 @@ MEDIA_TYPES = {
 }
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+MAX_TOKEN = 4096  # an S3 key is at most 1024 bytes; the sealed location fits with room
 
 
 @BuiltOnce
@@ -62,9 +69,23 @@ def _secret() -> bytes:
     return client.get(SECRET_KEY)
 
 
-def _signature(job_id: str, expires: int, etag: str) -> str:
-    digest = hmac.new(_secret(), f"{job_id}\n{expires}\n{etag}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+def _sealer() -> AESGCM:
+    return AESGCM(hashlib.sha256(b"docpipe document links\n" + _secret()).digest())
+
+
+def _seal(job_id: str, expires: int, where: dict[str, str]) -> str:
+    nonce = secrets.token_bytes(12)
+    sealed = _sealer().encrypt(nonce, json.dumps(where, separators=(",", ":")).encode(), f"{job_id}\n{expires}".encode())
+    return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+
+def _unseal(job_id: str, expires: int, token: str) -> dict[str, str] | None:
+    """The object's location, or None for a token this deployment did not seal for this job and expiry."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return json.loads(_sealer().decrypt(raw[:12], raw[12:], f"{job_id}\n{expires}".encode()))
+    except (ValueError, InvalidTag):
+        return None
 
 
 def document_link(job: Job, lifetime: float) -> str:
@@ -72,10 +93,10 @@ def document_link(job: Job, lifetime: float) -> str:
     document = job.document
     assert document is not None
     expires = int(time.time() + lifetime)
-    signature = _signature(job.job_id, expires, document.etag or "")
+    token = _seal(job.job_id, expires, {"b": document.bucket, "k": document.key, "e": document.etag or "", "f": document.format})
     base = get_runtime().settings.callback_base_url.rstrip("/")
     name = f"document.{FORMAT_EXTENSIONS.get(document.format, document.format)}"
-    return f"{base}/documents/{job.job_id}/{expires}/{signature}/{name}"
+    return f"{base}/documents/{job.job_id}/{expires}/{token}/{name}"
 
 
 def redact(text: str) -> str:
@@ -108,20 +129,20 @@ def _stream(body) -> Iterator[bytes]:
 def serve_document(request: Request) -> Response:
     """``GET``/``HEAD /documents/{job_id}/{expires}/{signature}/{name}``: the staged bytes, or a refusal.
 
-    Refused before any S3 or Redis request when the path is malformed, expired or unsigned.
+    Refused before any S3 request when the path is malformed, expired or not sealed by us.
     """
-    job_id, expires_text, signature = (request.path_params[k] for k in ("job_id", "expires", "signature"))
-    if not _JOB_ID.fullmatch(job_id) or not expires_text.isdigit() or len(signature) > 64:
+    job_id, expires_text, token = (request.path_params[k] for k in ("job_id", "expires", "signature"))
+    if not _JOB_ID.fullmatch(job_id) or not expires_text.isdigit() or len(token) > MAX_TOKEN:
         return _refused(404, "not found")
     expires = int(expires_text)
     if time.time() > expires:
         return _refused(403, "link expired")
-    record = jobs.read(get_runtime().redis, job_id)
-    bucket, key, etag = record.get("doc_bucket"), record.get("doc_key"), record.get("doc_etag", "")
-    if not bucket or not key or not hmac.compare_digest(signature, _signature(job_id, expires, etag)):
+    where = _unseal(job_id, expires, token)
+    if not where or not where.get("b") or not where.get("k"):
         return _refused(403, "bad signature")
+    bucket, key, etag = where["b"], where["k"], where.get("e", "")
     pinned = {"IfMatch": f'"{etag}"'} if etag else {}
-    media_type = MEDIA_TYPES.get(record.get("doc_format", ""), "application/octet-stream")
+    media_type = MEDIA_TYPES.get(where.get("f", ""), "application/octet-stream")
     client = storage.s3_client()
     try:
         if request.method == "HEAD":

@@ -78,3 +78,11 @@ def test_the_signature_never_reaches_a_log_or_archive_through_redact(staged):
     link = links.document_link(staged, lifetime=600)
     signature = link.rsplit("/", 2)[-2]
     assert signature not in links.redact(f"downloading {link} failed")
+
+
+def test_the_link_carries_where_the_document_is_and_needs_no_job_record(staged):
+    """The receiver serves a link from what is sealed in it: with the job's Redis record gone (as
+    while Redis restarts, when tuputech may well be downloading), the document is still served."""
+    link = links.document_link(staged, lifetime=600)
+    get_runtime().redis.delete(jobs.key(staged.job_id))
+    assert httpx.get(link).content == CONTENT
