@@ -38,8 +38,9 @@ import redis
 from pipeline import storage
 from pipeline.devstack import LocalStack
 from pipeline.enqueue import enqueue_many
-from pipeline.providers.baidu import RESULT_PATH, SUBMIT_PATH, TOKEN_PATH
+from pipeline.providers.baidu import FILE_FIELD, RESULT_PATH, SUBMIT_PATH, TOKEN_PATH
 from pipeline.samples import make_batch
+from pipeline.sniff import sniff_format
 
 EMULATOR = {"processing_min": 0.0, "processing_max": 0.0, "submit_qps": 1_000_000, "get_result_qps": 1_000_000}
 SETTINGS = {
@@ -118,7 +119,8 @@ async def _baseline_one(path: Path, http: httpx.AsyncClient, token: str, base: s
     key = f"baseline/{run}/{path.name}"
     await asyncio.to_thread(s3.put_object, Bucket=staging, Key=key, Body=data)
     body = await asyncio.to_thread(lambda: s3.get_object(Bucket=staging, Key=key)["Body"].read())
-    form = {"image": base64.b64encode(body).decode(), "fileName": path.name, "templateSign": "multiple_invoice"}
+    field = FILE_FIELD[sniff_format(body[:64]) or "png"]
+    form = {field: base64.b64encode(body).decode(), "fileName": path.name, "templateSign": "multiple_invoice"}
     submitted = (await http.post(f"{base}{SUBMIT_PATH}", params={"access_token": token}, data=form)).json()
     task_id = submitted["task_result"]["task_id"]
     while True:
