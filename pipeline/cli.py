@@ -525,8 +525,12 @@ def up(
 ) -> None:
     """Start the local stack (Redis, S3, emulators, receiver, workers, Flower) as processes, print every
     URL and the environment that points docpipe at it, and run until Ctrl-C, SIGTERM or `docpipe down`."""
+    import faulthandler
+
     from pipeline.devstack import LocalStack
 
+    # A stack that will not stop can be asked where it is: `kill -USR1 <pid>` prints every thread's stack.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     chosen = _providers(providers)
     stack = LocalStack(workdir.expanduser().resolve(), settings={"DOCPIPE_TUPUTECH_CALLBACK_RULE": "all"})
     try:

@@ -39,6 +39,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _signal_masks(pid: int) -> str:
+    """The signals ``pid`` blocks, ignores and catches: why a signal it was sent did nothing."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "(no /proc status)"
+    return " ".join(line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 @pytest.mark.parametrize("stop", ["down", "hangup"])
 def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, stop):
     env = {**os.environ, "HOME": str(tmp_path)}
@@ -63,7 +72,12 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
             assert down.returncode == 0, down.stdout + down.stderr
         else:
             up.send_signal(signal.SIGHUP)
-        up.wait(60)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.send_signal(signal.SIGUSR1)  # `up` dumps every thread's stack on SIGUSR1
+            wait_until(lambda: "Thread 0x" in "".join(lines) or "Current thread" in "".join(lines), 10, "a stack dump")
+            raise AssertionError(f"`up` still runs 60 s after {stop}; {_signal_masks(up.pid)}\n" + "".join(lines)) from None
         drain.join(10)
         output = "".join(lines)
     finally:
