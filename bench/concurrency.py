@@ -45,6 +45,21 @@ def share_at_limit(log: list[tuple[float, int]], limit: int, start: float, end: 
     return at_limit / (end - start)
 
 
+def refill_gaps(log: list[tuple[float, int]], limit: int, end: float) -> list[float]:
+    """Seconds from each drop below ``limit`` to the moment it is reached again (before ``end``):
+    the cost of handing a freed slot to the next document, which is what the share loses."""
+    gaps, dropped = [], None
+    for t, value in sorted(log):
+        if t > end:
+            break
+        if value < limit and dropped is None:
+            dropped = t
+        elif value >= limit and dropped is not None:
+            gaps.append(t - dropped)
+            dropped = None
+    return gaps
+
+
 def measure(stats: dict[str, Any], limit: int) -> dict[str, Any]:
     """Documents wait for a slot from the moment the limit is first reached (every slot is
     taken and more documents are coming) until the last one is accepted: that span is the
@@ -53,7 +68,11 @@ def measure(stats: dict[str, Any], limit: int) -> dict[str, Any]:
     accepted = sorted(stats["accepted_at"].get("submit", []))
     log = sorted(stats["in_flight_log"])
     full = next((t for t, value in log if value >= limit), accepted[-1])
+    gaps = sorted(refill_gaps([(t, v) for t, v in log if t >= full], limit, accepted[-1]))
     return {
+        "refills": len(gaps),
+        "refill_gap_median_ms": round(1000 * gaps[len(gaps) // 2], 1) if gaps else None,
+        "refill_gap_p90_ms": round(1000 * gaps[int(len(gaps) * 0.9)], 1) if gaps else None,
         "max_in_flight": stats["max_in_flight_seen"],
         "share_at_limit_while_waiting": round(share_at_limit(log, limit, full, accepted[-1]), 3),
         "share_from_first_submit": round(share_at_limit(log, limit, accepted[0], accepted[-1]), 3),
@@ -136,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['client']:>17}: max in flight {row['max_in_flight']} (limit {args.limit}), "
                     f"{row['share_at_limit_while_waiting']:.3f} of the time at the limit while documents waited for a slot "
                     f"({row['share_from_first_submit']:.3f} from the first submit, {row['ramp_to_limit_s']:.2f}s ramp), "
-                    f"{row['accepted']} documents in {row['seconds']}s",
+                    f"{row['accepted']} documents in {row['seconds']}s; a freed slot refilled in {row['refill_gap_median_ms']} ms "
+                    f"(median, p90 {row['refill_gap_p90_ms']} ms, {row['refills']} refills)",
                     flush=True,
                 )
     ours = rows[0]
