@@ -36,11 +36,6 @@ def alive(client: redis.Redis, holder: str) -> bool:
     return bool(client.exists(f"{WORKER_PREFIX}{holder}"))
 
 
-def hold(client: redis.Redis, job_id: str, msg: str, holder: str | None = None) -> None:
-    """Note that this process has received ``msg`` (it may wait in memory for its countdown)."""
-    client.sadd(f"{HELD_PREFIX}{holder or holder_id()}", f"{job_id} {msg}")
-
-
 class Heartbeat:
     """A daemon thread that keeps this process' heartbeat key alive until ``stop``: written every
     ``every`` seconds, it lives ``ttl`` seconds (``DOCPIPE_HEARTBEAT_EVERY`` / ``_TTL``)."""

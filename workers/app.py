@@ -5,7 +5,9 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, task_received, worker_init, worker_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_shutdown
+
+from workers.events import EventsFlushedOffTheLoop
 
 # Workers run thread pools of I/O-bound tasks. Between a rate token granted by Redis and the
 # request leaving the socket, a thread may wait for the GIL; at the default 5 ms switch
@@ -15,6 +17,7 @@ sys.setswitchinterval(0.001)
 
 app = Celery("docpipe", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(EventsFlushedOffTheLoop)
 log = logging.getLogger(__name__)
 _background: list[Any] = []
 
@@ -63,18 +66,3 @@ def _stop(**_: Any) -> None:
     others within seconds."""
     for thread in reversed(_background):
         thread.stop()
-
-
-@task_received.connect
-def _held(request: Any = None, **_: Any) -> None:
-    """Note each message this worker receives, countdown ones included: if the worker dies
-    holding them, the reconciler re-drives them within seconds instead of the broker after its
-    visibility timeout."""
-    from pipeline.liveness import hold
-    from pipeline.runtime import get_runtime
-
-    try:
-        payload = request.args[0]
-        hold(get_runtime().redis, payload["job_id"], request.id)
-    except Exception as exc:  # noqa: BLE001 - never refuse a message over bookkeeping; the overdue scan still covers it
-        log.warning("could not note a received message (%s)", type(exc).__name__)
