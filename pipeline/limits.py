@@ -30,6 +30,7 @@ from pipeline.errors import RateWait
 
 log = logging.getLogger(__name__)
 
+MIN_RETRY = 0.05  # seconds: the soonest a refused caller is told to ask again
 LATE_ENOUGH_TO_RECORD = 0.010  # seconds: later than this (the lateness a grant tolerates), a request's real departure replaces its send time
 
 # KEYS[1] = log of scheduled send times (newest first, Redis times in µs); ARGV[1] = requests per
@@ -280,7 +281,12 @@ class RateLimiter:
                 continue
             if time.monotonic() + wait > deadline:
                 metrics.LIMITER_DEFERRALS.labels(key).inc()
-                raise RateWait(key, wait)
+                # Come back when the slot is within reach (``max_wait`` ahead), not when it is due:
+                # the first caller back takes it and sleeps until it, so it is used on time. Told
+                # to come back when it was due, every caller came back after it (a re-schedule
+                # takes a broker round trip and some spread), and the slot went by unused:
+                # with Redis 20 ms away, baidu's submits kept only 0.73 of the limit.
+                raise RateWait(key, max(MIN_RETRY, wait - max_wait))
             time.sleep(wait)
 
     def give_back(self, key: str, granted: float) -> None:
