@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench.rate_limits import gap_profile
 from pipeline import jobs, storage
 from pipeline.devstack import LocalStack, free_port, wait_until
 from pipeline.enqueue import JobHandle, enqueue_many
@@ -423,7 +424,9 @@ def _baidu_share(chaos: Chaos) -> str:
     arrivals = sorted(chaos.emulator("baidu", "/_emulator/stats?arrivals=1")["accepted_at"].get("submit", []))
     if len(arrivals) < 2:
         return ""
-    return f"baidu submits at {(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) / 2.0:.3f} of 2/s"
+    gaps = gap_profile(arrivals, 0.5)
+    return (f"baidu submits at {(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) / 2.0:.3f} of 2/s "
+            f"(median gap {gaps['median_gap_s']:.3f}s, {gaps['share_in_holes']:.3f} of the span in holes)")
 
 
 def print_row(row: Row) -> None:

@@ -64,6 +64,18 @@ def rate(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
 
 
+def gap_profile(times: list[float], interval: float) -> dict[str, float]:
+    """Where a rate below the limit goes: the median gap between two requests (the pace the
+    limiter keeps when it is asked), and the share of the span spent in gaps over twice the
+    documented interval (moments nobody asked for the free slot)."""
+    times = sorted(times)
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    if not gaps:
+        return {"median_gap_s": 0.0, "share_in_holes": 0.0}
+    holes = sum(g - interval for g in gaps if g > 2 * interval)
+    return {"median_gap_s": round(gaps[len(gaps) // 2], 3), "share_in_holes": round(holes / (times[-1] - times[0]), 3)}
+
+
 def measure(stats: dict[str, Any]) -> dict[str, float]:
     submit_ok = sorted(stats["accepted_at"].get("submit", []))
     result_ok = sorted(stats["accepted_at"].get("get_result", []))
@@ -77,6 +89,7 @@ def measure(stats: dict[str, Any]) -> dict[str, float]:
     return {
         "submit_ratio": round(rate(submit_ok) / SUBMIT_LIMIT, 3),
         "submit_max_in_1s": max_in_window(stats["arrivals"].get("submit", [])),
+        **{f"submit_{k}": v for k, v in gap_profile(submit_ok, 1 / SUBMIT_LIMIT).items()},
         "submit_error_18": ends.get("submit", {}).get("limit_violations", 0),
         "get_result_ratio": round(saturated / window / RESULT_LIMIT, 3),
         "get_result_max_in_1s": max_in_window(stats["arrivals"].get("get_result", [])),
@@ -142,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         print(
                             f"{mode:>18} workers={workers} redis +{rtt:g} ms  submit {row['submit_ratio']:.3f} of 2/s, max {row['submit_max_in_1s']} in 1s, "
-                            f"{row['submit_error_18']} x error 18 | get_result {row['get_result_ratio']:.3f} of 10/s, "
+                            f"{row['submit_error_18']} x error 18 (median gap {row['submit_median_gap_s']:.3f}s, "
+                            f"{row['submit_share_in_holes']:.3f} of the span in holes) | get_result {row['get_result_ratio']:.3f} of 10/s, "
                             f"max {row['get_result_max_in_1s']} in 1s, {row['get_result_error_18']} x error 18 | {row['seconds']}s",
                             flush=True,
                         )
