@@ -48,12 +48,22 @@ def _signal_masks(pid: int) -> str:
     return " ".join(line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
+def _as_from_a_terminal() -> None:
+    """Start ``up`` with the signal dispositions a terminal gives it, whatever this test run inherited.
+
+    A run started in the background (``nohup make test &``) hands every process it starts SIGHUP,
+    SIGINT and SIGQUIT ignored, and ``up`` rightly keeps an ignored SIGHUP ignored (that is what
+    nohup asks for): the hangup case then waited 60 s for nothing (seen as SigIgn 0x1001007)."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", ["down", "hangup"])
 def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, stop):
     env = {**os.environ, "HOME": str(tmp_path)}
     up = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "up", "--workers", "1", "--providers", "baidu"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_as_from_a_terminal,
     )
     # Drained as it comes: a pipe nobody reads fills at 64 kB and blocks the writer (and with it `up`).
     lines: list[str] = []
