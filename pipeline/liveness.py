@@ -18,7 +18,7 @@ from functools import cache
 
 import redis
 
-from pipeline.jobs import HELD_PREFIX, WORKER_PREFIX
+from pipeline.jobs import WORKER_PREFIX
 
 log = logging.getLogger(__name__)
 

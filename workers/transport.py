@@ -104,7 +104,8 @@ class QoS(kombu_redis.QoS):
         with self._acks_lock:
             if self._acks is None:
                 self._acks = AckBatcher(self)
-        self._acks.put(delivery_tag)
+            acks = self._acks
+        acks.put(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
     def close_acks(self) -> None:
