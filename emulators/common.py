@@ -72,6 +72,9 @@ class EndpointStats:
     # arrival on the event loop (it did, and a busy referee stamped the next requests late).
     max_in_1s: int = 0
     last_stamp_doubt: float = 0.0  # how long the loop had been away when the last arrival was stamped
+    # The doubt of each arrival of the last 2 s (stamp, doubt): a violation's record needs the
+    # doubt of the window's first stamp, whose lateness shortens the window as much as any.
+    _recent_doubts: deque[tuple[float, float]] = field(default_factory=deque, repr=False)
     violations: list[dict[str, Any]] = field(default_factory=list)  # the first few, with what the referee saw
     _last_second: deque[float] = field(default_factory=deque, repr=False)
 
@@ -247,6 +250,9 @@ class Emulator:
         stats.requests += 1
         stats.arrived(now)
         stats.last_stamp_doubt = self.loop_watch.doubt(now)
+        stats._recent_doubts.append((now, stats.last_stamp_doubt))
+        while stats._recent_doubts[0][0] < now - 2.0:
+            stats._recent_doubts.popleft()
         return stats
 
     def refused_over_limit(self, endpoint: str, key: str) -> None:
@@ -258,10 +264,12 @@ class Emulator:
         stats.limit_violations += 1
         if len(stats.violations) < 20:
             window = self.window.recent(key)
+            opened = min(window, default=time.time()) - 0.005  # the window's clock is read a moment after the stamp
             stats.violations.append({
                 "at": stats.arrivals[-1] if stats.arrivals else time.time(),
                 "window": window,
                 "stamp_doubt_ms": round(stats.last_stamp_doubt * 1000, 1),
+                "window_stamp_doubt_max_ms": round(1000 * max((d for t, d in stats._recent_doubts if t >= opened), default=0.0), 1),
                 "loop_lag_max_ms": round(self.loop_watch.max_lag * 1000, 1),
             })
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -345,3 +346,17 @@ def test_a_slow_answer_is_still_processed_after_the_client_gave_up(baidu: Emulat
     wait_until(lambda: baidu.stats()["tasks"]["created"] == created_before + 1, 5, "the slow submit's task")
     ends = baidu.stats()["endpoints"]["submit"]
     assert ends["accepted"] == 1 and ends["faults_injected"] == 1
+
+
+def test_a_request_over_the_limit_is_recorded_with_the_doubt_of_every_stamp_in_its_window(baidu: EmulatorControl, token: str) -> None:
+    """The referee's record of a violation says how far each stamp of the window it closed may trail
+    its arrival: the lateness of the window's first stamp shortens the window as much as the last's."""
+    baidu.config(submit_qps=2.0)
+    with ThreadPoolExecutor(3) as pool:  # together: three in a second whatever the load of the machine
+        answers = sorted(pool.map(lambda _: submit(baidu, token)["error_code"], range(3)))
+    assert answers == [0, 0, 18]
+    ends = baidu.stats()["endpoints"]["submit"]
+    assert ends["limit_violations"] == 1
+    (record,) = ends["violations"]
+    assert len(record["window"]) == 2
+    assert 0.0 <= record["stamp_doubt_ms"] <= record["window_stamp_doubt_max_ms"] <= record["loop_lag_max_ms"] + 5
