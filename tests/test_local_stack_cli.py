@@ -3,6 +3,7 @@ when it is stopped, by ``down`` (SIGTERM) or by a closed terminal (SIGHUP)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,6 +71,7 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
     drain = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
     drain.start()
     state = tmp_path / ".docpipe" / "up.json"
+    started: list[int] = []
     try:
         wait_until(lambda: state.exists() or up.poll() is not None, 120, "docpipe up")
         assert up.poll() is None, "".join(lines)
@@ -91,8 +93,15 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
         drain.join(10)
         output = "".join(lines)
     finally:
-        if up.poll() is None:
-            up.kill()
+        if up.poll() is None:  # the test failed with `up` running: stop it and what it started, or they outlive the run
+            up.terminate()
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                for pid in started:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
     for name in ("Redis", "S3", "baidu", "callbacks", "Flower", "password"):
         assert name in output
     wait_until(lambda: not any(_alive(pid) for pid in started), 30, "every process of the stack stopped")
