@@ -23,7 +23,7 @@ from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError,
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import LearnedSchedule, Lateness, Observation, PollPolicy, observed_processing
 from pipeline.providers import get_provider
-from pipeline.providers.base import Fetched
+from pipeline.providers.base import Fetched, Provider
 from pipeline.runtime import get_runtime
 from pipeline.submission import Submission
 
@@ -214,10 +214,11 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     now = time.time()
     if job.poll_asked_for is not None:
         LATENESS.observe(now - job.poll_asked_for)
+    provider = get_provider(job.provider)
     learned = learned_schedule(job)
     if learned is not None:
         schedule, predicted = learned
-        due = submitted_at + schedule.poll_at(job.polls, predicted)
+        due = _no_later_than_overdue(provider, job, submitted_at + schedule.poll_at(job.polls, predicted))
         if job.last_polled_at is not None:
             due = max(due, job.last_polled_at + MIN_POLL_GAP)
         ask = due - LATENESS.typical()
@@ -233,7 +234,6 @@ def await_result(job: Job) -> tuple[Job, float | None]:
             code="deadline_exceeded",
             provider_code=job.provider_status,
         )
-    provider = get_provider(job.provider)
     try:
         outcome = provider.poll(job)
     except RateWait as wait:
@@ -247,7 +247,7 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         job = job.model_copy(update={"last_polled_at": now})
         if learned is not None:
             schedule, predicted = learned
-            due = max(submitted_at + schedule.poll_at(job.polls, predicted), now + MIN_POLL_GAP)
+            due = _no_later_than_overdue(provider, job, max(submitted_at + schedule.poll_at(job.polls, predicted), now + MIN_POLL_GAP))
             return _again_at(job, min(due - LATENESS.typical(), now + policy.max_delay), time.time())
         return _again_at(job, time.time() + policy.next_delay(job.polls), time.time())
     if outcome.error is not None:
@@ -256,6 +256,14 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     if outcome.answer is not None:  # the answer is the result: parse and park it now, no second call
         job = _park(job, provider.fetch(job, outcome.answer)).model_copy(update={"parked": True})
     return job.model_copy(update={"poll_asked_for": None}), None
+
+
+def _no_later_than_overdue(provider: Provider, job: Job, due: float) -> float:
+    """The learnt schedule spaces the looks at a document further apart the longer it takes (poll
+    k at predicted x growth^k): a tuputech document whose callback never came was looked at again
+    hundreds of seconds after its bound (28 s) had passed, and ended that late."""
+    overdue = provider.overdue_at(job)
+    return due if overdue is None else min(due, overdue + MIN_POLL_GAP)
 
 
 def _cold_first_delay(policy: PollPolicy, job: Job) -> float:

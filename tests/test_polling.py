@@ -84,3 +84,31 @@ def test_a_provider_that_reports_whole_seconds_does_not_make_the_schedule_poll_l
     assert schedule is not None and schedule.predictor == "size"
     calls, share = _replayed(schedule, _documents(400, size_predicts=True, seed=99))
     assert calls <= 1.5 and share <= 0.10, (calls, share)
+
+
+@pytest.mark.parametrize(("overdue_after", "longest_wait"), [(28.0, 18.3), (None, 990.1)])
+def test_a_document_is_looked_at_again_by_its_providers_overdue_time_whatever_the_schedule(monkeypatch, overdue_after, longest_wait):
+    """A learnt schedule far beyond the document (its 4th look 1000 s after submit) waits no longer
+    than the provider's overdue time (tuputech: the callback bound, past which the document ends)."""
+    import time
+    from types import SimpleNamespace
+
+    from pipeline import stages
+    from pipeline.models import Job
+    from pipeline.providers.base import PollOutcome
+
+    far = SimpleNamespace(poll_at=lambda polls, predicted: 1000.0)
+    provider = SimpleNamespace(
+        overdue_at=lambda job: None if overdue_after is None else job.submitted_at + overdue_after,
+        poll=lambda job: PollOutcome(done=False, detail="waiting"),
+        first_poll_delay=1.0,
+    )
+    monkeypatch.setattr(stages, "learned_schedule", lambda job: (far, 4.5))
+    monkeypatch.setattr(stages, "get_provider", lambda name: provider)
+    job = Job(job_id="a" * 32, provider="tuputech", source="s3://b/k.pdf", location="s3://b/k.pdf",
+              provider_task_id="t-1", submitted_at=time.time() - 10.0, polls=3)
+
+    _, delay = stages.await_result(job)
+
+    assert delay is not None and 0.0 <= delay <= longest_wait
+    assert delay > longest_wait - 1.0 - stages.LATENESS.typical()

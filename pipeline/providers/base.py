@@ -238,6 +238,12 @@ class Provider(ABC):
         """Get the full result and artifacts, parsed and normalized; ``answer`` is the poll's
         ``PollOutcome.answer`` when it carried the result already."""
 
+    def overdue_at(self, job: Job) -> float | None:
+        """When a document waiting at this provider must be looked at, whatever the poll schedule
+        says (a callback provider: when its callback is overdue and the document ends); None when
+        the schedule alone decides."""
+        return None
+
     def finished(self, job: Job) -> None:
         """The document reached its end (archived or failed): release what the provider held."""
         self.finished_at_provider(job.job_id)

@@ -156,6 +156,9 @@ class TuputechProvider(Provider):
         longest = callbacks.longest_processing(self) or self.settings.tuputech_expected_processing
         return 3 * longest + self.settings.tuputech_callback_window
 
+    def overdue_at(self, job: Job) -> float | None:
+        return (job.submitted_at or time.time()) + self.callback_bound()
+
     def task_lifetime(self, job: Job) -> float:
         return min(super().task_lifetime(job), self.callback_bound())
 
