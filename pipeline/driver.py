@@ -149,7 +149,7 @@ def _execute(stage_name: str, job: Job) -> Next | None:
     except DocpipeError as exc:
         if exc.provider_code is not None:
             metrics.PROVIDER_ERRORS.labels(job.provider, stage_name, str(exc.provider_code)).inc()
-        if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries):
+        if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries, stage_name):
             retried = job.model_copy(update={"attempts": job.attempts + 1})
             countdown = exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else backoff(job.attempts)
             log.warning("%s: %s at %s; retry %d in %.1fs", job.label(), exc.code, stage_name, retried.attempts, countdown)
@@ -172,9 +172,15 @@ def _execute(stage_name: str, job: Job) -> Next | None:
     return None if following is None else Next(following, job)
 
 
-def _retry_cap(exc: DocpipeError, transient_retries: int) -> int:
-    # A provider's "too fast" is expected under shared accounts: allow many more of those.
-    return transient_retries * 10 if isinstance(exc, RateLimited) else transient_retries
+def _retry_cap(exc: DocpipeError, transient_retries: int, stage_name: str) -> int:
+    if isinstance(exc, RateLimited):  # a provider's "too fast" is expected under shared accounts
+        return transient_retries * 10
+    if stage_name in ("await", "fetch"):
+        # The provider holds the task, billed: a failed look at it costs nothing, and giving up
+        # throws the task away. A bad patch is waited out longer (the job's deadline still ends
+        # it): with a third of the answers failing, six failed looks in a row ended a document.
+        return transient_retries * 3
+    return transient_retries
 
 
 def _end(job: Job, stage_name: str, exc: BaseException) -> None:

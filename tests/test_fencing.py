@@ -154,3 +154,13 @@ def test_a_submit_whose_job_was_handed_on_meanwhile_is_not_sent(ledger):
     finally:
         jobs.claimed_msg.reset(token)
     assert ledger.cancel(job.job_id) == "at_provider"  # from now on the provider may have it
+
+
+def test_a_task_the_provider_holds_is_looked_at_through_more_failures_than_a_submit():
+    """Giving up at await throws away a task the provider has billed; at submit nothing is lost yet."""
+    from pipeline.errors import RateLimited, Transient
+
+    failure = Transient("baidu get_result: error_code 282000 (internal error)", code="provider_transient")
+    assert driver._retry_cap(failure, 5, "submit") == 5
+    assert driver._retry_cap(failure, 5, "await") == driver._retry_cap(failure, 5, "fetch") == 15
+    assert driver._retry_cap(RateLimited("too fast", code="rate_limited"), 5, "submit") == 50
