@@ -120,7 +120,9 @@ def test_token_expiry_mid_batch_is_survived_with_one_refresh_per_expiry(baidu, d
 
 
 def test_internal_errors_and_5xx_are_retried_until_success(baidu, docs):
-    baidu.config(faults={"internal_error_rate": 0.25, "http_5xx_rate": 0.1})
+    # One answer in five fails (the chaos suite's rate): six failures in a row, which end a document at
+    # submit, come once in 15,000 tries; at a third (as here before) once in 700, and the suite saw it.
+    baidu.config(faults={"internal_error_rate": 0.15, "http_5xx_rate": 0.05})
     samples = make_batch(docs, 8)
     handles = [enqueue(s.path, provider="baidu") for s in samples]
     for handle in handles:
