@@ -297,8 +297,7 @@ class RateLimiter:
         the grants that follow count a whole window from its departure, but only those granted
         after the move. The grant a window after it is made at most half a window ahead, so the
         late request has left, and said so, half a window before. Granted up to ``max_wait``
-        (2 s) ahead, a grant could be made before an earlier request had even left: with Redis
-        20 ms away, one left late and three baidu submits arrived within 0.97 s."""
+        (2 s) ahead, a grant could be made before an earlier request had even left."""
         return rate.per / 2
 
     def give_back(self, key: str, granted: float) -> None:
