@@ -23,7 +23,7 @@ from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError,
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import LearnedSchedule, Lateness, Observation, PollPolicy, observed_processing
 from pipeline.providers import get_provider
-from pipeline.providers.base import Fetched, Provider
+from pipeline.providers.base import Fetched
 from pipeline.runtime import get_runtime
 from pipeline.submission import Submission
 
@@ -216,9 +216,10 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         LATENESS.observe(now - job.poll_asked_for)
     provider = get_provider(job.provider)
     learned = learned_schedule(job)
+    overdue = provider.overdue_at(job) if learned is not None else None  # read once: it may cost a Redis read
     if learned is not None:
         schedule, predicted = learned
-        due = _no_later_than_overdue(provider, job, submitted_at + schedule.poll_at(job.polls, predicted))
+        due = _no_later_than(overdue, submitted_at + schedule.poll_at(job.polls, predicted))
         if job.last_polled_at is not None:
             due = max(due, job.last_polled_at + MIN_POLL_GAP)
         ask = due - LATENESS.typical()
@@ -247,7 +248,7 @@ def await_result(job: Job) -> tuple[Job, float | None]:
         job = job.model_copy(update={"last_polled_at": now})
         if learned is not None:
             schedule, predicted = learned
-            due = _no_later_than_overdue(provider, job, max(submitted_at + schedule.poll_at(job.polls, predicted), now + MIN_POLL_GAP))
+            due = _no_later_than(overdue, max(submitted_at + schedule.poll_at(job.polls, predicted), now + MIN_POLL_GAP))
             return _again_at(job, min(due - LATENESS.typical(), now + policy.max_delay), time.time())
         return _again_at(job, time.time() + policy.next_delay(job.polls), time.time())
     if outcome.error is not None:
@@ -258,11 +259,11 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     return job.model_copy(update={"poll_asked_for": None}), None
 
 
-def _no_later_than_overdue(provider: Provider, job: Job, due: float) -> float:
+def _no_later_than(overdue: float | None, due: float) -> float:
     """The learnt schedule spaces the looks at a document further apart the longer it takes (poll
     k at predicted x growth^k): a tuputech document whose callback never came was looked at again
-    hundreds of seconds after its bound (28 s) had passed, and ended that late."""
-    overdue = provider.overdue_at(job)
+    hundreds of seconds after its bound (28 s) had passed, and ended that late. ``overdue`` is the
+    provider's ``overdue_at``."""
     return due if overdue is None else min(due, overdue + MIN_POLL_GAP)
 
 
