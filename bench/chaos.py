@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.rate_limits import gap_profile
+from bench.rate_limits import gap_profile, rate
 from pipeline import jobs, storage
 from pipeline.devstack import LocalStack, free_port, wait_until
 from pipeline.enqueue import JobHandle, enqueue_many
@@ -425,7 +425,7 @@ def _baidu_share(chaos: Chaos) -> str:
     if len(arrivals) < 2:
         return ""
     gaps = gap_profile(arrivals, 0.5)
-    return (f"baidu submits at {(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) / 2.0:.3f} of 2/s "
+    return (f"baidu submits at {rate(arrivals) / 2.0:.3f} of 2/s "
             f"(median gap {gaps['median_gap_s']:.3f}s, {gaps['share_in_holes']:.3f} of the span in holes)")
 
 
