@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     transient_retries: int = Field(
         5, description="Retries of a step after a transient provider failure (5xx, internal error) before the document fails."
     )
+    retry_max_delay: float = Field(
+        60.0, description="Longest wait before a step is tried again after a transient failure (the waits double from 1 s up to it)."
+    )
     step_grace: float = Field(
         30.0,
         description="Seconds a step's message may be overdue, unclaimed with its queue empty, before the reconciler "

@@ -151,7 +151,9 @@ def _execute(stage_name: str, job: Job) -> Next | None:
             metrics.PROVIDER_ERRORS.labels(job.provider, stage_name, str(exc.provider_code)).inc()
         if isinstance(exc, RETRY_IN_PLACE) and job.attempts < _retry_cap(exc, settings.transient_retries, stage_name):
             retried = job.model_copy(update={"attempts": job.attempts + 1})
-            countdown = exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else backoff(job.attempts)
+            countdown = (
+                exc.retry_after * random.uniform(1.0, 1.5) if isinstance(exc, RateLimited) else backoff(job.attempts, cap=settings.retry_max_delay)
+            )
             log.warning("%s: %s at %s; retry %d in %.1fs", job.label(), exc.code, stage_name, retried.attempts, countdown)
             return Next(stage_name, retried, countdown)
         return _end(job, stage_name, exc)
@@ -161,7 +163,7 @@ def _execute(stage_name: str, job: Job) -> Next | None:
             return Next(stage_name, job, backoff(3, cap=30.0))
         if job.attempts < settings.transient_retries:  # a bug or a failure we did not foresee: retry, then explain
             log.exception("%s: unexpected error at %s", job.label(), stage_name)
-            return Next(stage_name, job.model_copy(update={"attempts": job.attempts + 1}), backoff(job.attempts))
+            return Next(stage_name, job.model_copy(update={"attempts": job.attempts + 1}), backoff(job.attempts, cap=settings.retry_max_delay))
         return _end(job, stage_name, exc)
     job = job.model_copy(update={"attempts": 0})  # the stage made progress: its failures start again
     if delay is not None:
@@ -175,10 +177,12 @@ def _execute(stage_name: str, job: Job) -> Next | None:
 def _retry_cap(exc: DocpipeError, transient_retries: int, stage_name: str) -> int:
     if isinstance(exc, RateLimited):  # a provider's "too fast" is expected under shared accounts
         return transient_retries * 10
-    if stage_name in ("await", "fetch"):
+    if stage_name in ("await", "fetch") and exc.code != "malformed_answer":
         # The provider holds the task, billed: a failed look at it costs nothing, and giving up
-        # throws the task away. A bad patch is waited out longer (the job's deadline still ends
-        # it): with a third of the answers failing, six failed looks in a row ended a document.
+        # throws the task away. A bad patch of errors is waited out longer (the job's deadline
+        # still ends it): with a third of the answers failing, six failed looks in a row ended a
+        # document. An answer of the wrong shape is not an outage: it is the same answer next
+        # time, and the document's error should say so within minutes, not after eighteen tries.
         return transient_retries * 3
     return transient_retries
 

@@ -3,10 +3,8 @@ baidu emulator and two Celery workers. Nothing here is mocked."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +30,9 @@ FAST_POLLING = {
     "DOCPIPE_HEARTBEAT_EVERY": "1",
     "DOCPIPE_HEARTBEAT_TTL": "6",
     "DOCPIPE_STEP_GRACE": "10",
+    # A transient failure is retried after 1, 2, 2, 2 ... s instead of up to a minute: the retries
+    # and their count are what the tests check, not the production waits.
+    "DOCPIPE_RETRY_MAX_DELAY": "2",
     "DOCPIPE_RECONCILE_EVERY": "1",
 }
 
@@ -85,35 +86,16 @@ class EmulatorControl:
         return httpx.post(f"{self.base_url}{path}").json()
 
 
-@pytest.fixture(scope="session")
-def locks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory every xdist worker of this session shares (the parent of each worker's base temp)."""
-    return tmp_path_factory.getbasetemp().parent
+def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:
+    """The session's emulator for ``name``, with its config and statistics reset around the test.
 
-
-@contextmanager
-def _exclusive(locks: Path, name: str) -> Iterator[None]:
-    """Hold ``name`` across the session's xdist workers. A test that drives an emulator resets its
-    statistics, changes its configuration (faults, token lifetimes) and counts what it saw; with a
-    test on another worker doing the same to the same emulator, each saw the other's requests (a
-    direct submit beside docpipe's paced ones reads as a limit violation) and faults it never set.
-    Taken in the order the fixtures are named (baidu, idp, tuputech), so two never deadlock."""
-    with open(locks / f"emulator-{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _emulator(stack: LocalStack, locks: Path, name: str) -> Iterator[EmulatorControl]:
-    """The session's emulator for ``name``, this test's alone, with its config and statistics reset around it."""
-    with _exclusive(locks, name):
-        control = EmulatorControl(stack.emulator_url(name))
-        control.reset()
-        stack.activate()
-        yield control
-        control.reset()
+    Each xdist worker runs its own stack (its own emulators, Redis and S3 on ports of its own), and
+    runs its tests one at a time: a test has its emulators to itself without any lock."""
+    control = EmulatorControl(stack.emulator_url(name))
+    control.reset()
+    stack.activate()
+    yield control
+    control.reset()
     # A failed login leaves a cool-down for every worker; it must not outlive the test that caused it.
     client = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
     for key in client.scan_iter(f"docpipe:cred-cooldown:{name}:*"):
@@ -121,18 +103,18 @@ def _emulator(stack: LocalStack, locks: Path, name: str) -> Iterator[EmulatorCon
 
 
 @pytest.fixture
-def baidu(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, locks_dir, "baidu")
+def baidu(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "baidu")
 
 
 @pytest.fixture
-def idp(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, locks_dir, "idp")
+def idp(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "idp")
 
 
 @pytest.fixture
-def tuputech(stack: LocalStack, locks_dir: Path) -> Iterator[EmulatorControl]:
-    yield from _emulator(stack, locks_dir, "tuputech")
+def tuputech(stack: LocalStack) -> Iterator[EmulatorControl]:
+    yield from _emulator(stack, "tuputech")
 
 
 class RecordedSubmission:

@@ -164,3 +164,11 @@ def test_a_task_the_provider_holds_is_looked_at_through_more_failures_than_a_sub
     assert driver._retry_cap(failure, 5, "submit") == 5
     assert driver._retry_cap(failure, 5, "await") == driver._retry_cap(failure, 5, "fetch") == 15
     assert driver._retry_cap(RateLimited("too fast", code="rate_limited"), 5, "submit") == 50
+    # An answer of the wrong shape will be the same next time: no longer patience for it.
+    assert driver._retry_cap(Transient("baidu get_result: answer is not JSON", code="malformed_answer"), 5, "await") == 5
+
+
+def test_a_transient_failure_waits_longer_each_time_up_to_the_configured_cap():
+    waits = [[driver.backoff(attempt, cap=4.0) for _ in range(200)] for attempt in range(6)]
+    assert all(0.5 * min(4.0, 2.0**a) <= w <= min(4.0, 2.0**a) for a, row in enumerate(waits) for w in row)
+    assert max(waits[5]) > 3.0  # the cap, not the doubling, bounds the later waits
