@@ -79,16 +79,19 @@ class Submission:
             self.rt.leases.extend(self.provider.lease_key(), self.job.job_id, self.provider.task_lifetime(self.job))
 
     def refused(self) -> None:
-        """The provider answered without taking the task, or the request never left: free the slot and the marker."""
-        self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at")
+        """The provider answered without taking the task, or the request never left: free the slot and
+        the marker, insisting. A marker left behind by an outage reads as a request that may have been
+        taken (``outcome_unknown``), and the document would fail without ever having been sent (seen
+        when Redis was killed while a submit, marked as leaving, asked for its send time again)."""
+        self._insist(lambda: self.rt.redis.hdel(jobs.key(self.job.job_id), "sending_at"), "clearing its submit marker")
         if self.provider.max_in_flight():
-            self.rt.leases.release(self.provider.lease_key(), self.job.job_id)
+            self._insist(lambda: self.rt.leases.release(self.provider.lease_key(), self.job.job_id), "freeing its slot")
 
     @property
     def outcome_unknown(self) -> bool:
         return self.sent and not self.answered and self.task_id is None
 
-    def _insist(self, write, patience: float = 120.0) -> None:
+    def _insist(self, write, doing: str = "recording the task the provider accepted", patience: float = 120.0) -> None:
         deadline = time.monotonic() + patience
         delay = 0.2
         while True:
@@ -98,6 +101,6 @@ class Submission:
             except redis.RedisError:
                 if time.monotonic() > deadline:
                     raise
-                log.warning("%s: accepted by the provider but Redis refuses the record; retrying", self.job.label())
+                log.warning("%s: Redis refuses %s; retrying", self.job.label(), doing)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

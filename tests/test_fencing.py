@@ -172,3 +172,33 @@ def test_a_transient_failure_waits_longer_each_time_up_to_the_configured_cap():
     waits = [[driver.backoff(attempt, cap=4.0) for _ in range(200)] for attempt in range(6)]
     assert all(0.5 * min(4.0, 2.0**a) <= w <= min(4.0, 2.0**a) for a, row in enumerate(waits) for w in row)
     assert max(waits[5]) > 3.0  # the cap, not the doubling, bounds the later waits
+
+
+def test_a_submit_that_never_left_clears_its_marker_through_a_redis_outage(ledger):
+    """Killed Redis, seen by the suite: a submit marked as leaving was held past its send time,
+    asked for another, found Redis loading its data, and left its marker behind; the next attempt
+    took the marker for a request that may have been taken, and failed a document never sent."""
+    from types import SimpleNamespace
+
+    from pipeline.providers import get_provider
+    from pipeline.submission import Submission
+
+    job = _job().model_copy(update={"provider": "baidu"})
+    client = get_runtime().redis
+    client.hset(jobs.key(job.job_id), mapping={"state": "staged", "sending_at": str(time.time())})
+
+    class LoadingAtFirst:
+        def __init__(self) -> None:
+            self.refusals = 2
+
+        def hdel(self, *args):
+            if self.refusals:
+                self.refusals -= 1
+                raise redis.BusyLoadingError("Redis is loading the dataset in memory")
+            return client.hdel(*args)
+
+    flaky = LoadingAtFirst()
+    attempt = Submission(job, get_provider("baidu"), SimpleNamespace(redis=flaky, leases=None))
+    attempt.refused()
+    assert flaky.refusals == 0
+    assert "sending_at" not in jobs.read(client, job.job_id)
