@@ -98,8 +98,7 @@ class Chaos:
         s3_port = stack.start_netem("s3", stack.ports["s3"])
         stack.settings["DOCPIPE_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
         self.redis_via = stack.start_netem("redis", stack.ports["redis"])
-        for provider in PROVIDERS:
-            stack.start_emulator(provider)
+        stack.start_emulators(PROVIDERS)
         self.defaults = {p: self.emulator(p, "/_emulator/config") for p in PROVIDERS}
         stack.activate()
         storage.ensure_buckets()

@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "DOCPIPE_POLL_MAX_DELAY": "2",
         }
         with LocalStack(workdir / "stack", emulator_config={"tuputech": emulator}, settings=settings) as stack:
-            stack.start_base(["tuputech"])
-            stack.start_callbacks()
+            stack.start_base(["tuputech"], callbacks=True)
             names = [f"bench{n}" for n in range(args.workers)]
             for name in names:
                 stack.start_worker(name, ["docpipe.tuputech"], concurrency=8, wait=False)

@@ -41,8 +41,7 @@ FAST_POLLING = {
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     local = LocalStack(tmp_path_factory.mktemp("stack"), emulator_config=EMULATORS, settings=dict(FAST_POLLING))
     try:
-        local.start_base(PROVIDERS)
-        local.start_callbacks()
+        local.start_base(PROVIDERS, callbacks=True)
         local.start_worker("w1", QUEUES, wait=False)
         local.start_worker("w2", QUEUES, wait=False, env={"DOCPIPE_LOG_FORMAT": "json"})  # one logs JSON lines
         local.wait_workers(["w1", "w2"])

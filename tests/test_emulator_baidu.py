@@ -28,6 +28,9 @@ from PIL import Image, PngImagePlugin
 
 from tests.conftest import EmulatorControl
 
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("emulator-baidu")
+
 API_KEY, SECRET_KEY = "test-ak", "test-sk"
 SUBMIT = "/rest/2.0/solution/v1/iocr/recognise/universal/request"  # seed line 14
 GET_RESULT = "/rest/2.0/solution/v1/iocr/recognise/universal/get_result"  # seed line 93

@@ -36,6 +36,9 @@ from emulators.documents import directive, find_directive
 from pipeline import samples
 from tests.tuputech_signing import generate_key_pair, open_sealed, signed_submit_body
 
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("emulator-directives")
+
 T = TypeVar("T")
 
 # The seed's own messages (000, lines 119-125) and failure statuses (line 333).

@@ -33,6 +33,9 @@ from reportlab.pdfgen import canvas
 from tests.conftest import EmulatorControl
 from tests.seeds import SEEDS, seed_text
 
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("emulator-idp")
+
 IDP_SEED = SEEDS / "000_042f2eb730337316.txt"
 SEED_HOST = "http://host:port"
 # The seed's examples log in as b'username' / b'password': the emulator gets exactly those.

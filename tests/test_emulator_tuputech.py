@@ -38,6 +38,9 @@ from reportlab.pdfgen import canvas
 from emulators.tuputech import document_pages
 from tests.tuputech_signing import generate_key_pair, open_sealed, rsa_sign, rsa_verify, signed_submit_body
 
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("emulator-tuputech")
+
 SECRET_ID = "test-secret-id"
 TEXT_TASK_ID = "57c4036c557603652aeeb222"  # the text task's id in the seed's callback example (4.7)
 IMAGE_TASK_ID = "54bcfc6c329af61034f7c2fc"  # the image task's

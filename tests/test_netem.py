@@ -28,7 +28,11 @@ from redis.retry import Retry
 from emulators.netem import ThreadedNetEm
 from pipeline.devstack import free_port, wait_until
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = [
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+    pytest.mark.xdist_group("netem"),
+]
 
 
 @dataclass

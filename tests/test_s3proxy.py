@@ -34,6 +34,9 @@ from botocore.exceptions import ClientError
 
 from pipeline.devstack import free_port, wait_until
 
+# Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
+pytestmark = pytest.mark.xdist_group("s3proxy")
+
 MB = 1024 * 1024
 BUCKET = "proxy-tests"
 AWKWARD_KEYS = [

@@ -63,6 +63,8 @@ def test_a_document_the_provider_cannot_read_fails_with_code_14(tuputech, docs):
 
 
 LIMIT = 3
+# The tests on this stack run on one xdist worker: a module fixture starts once per worker that needs it.
+LIMITED = pytest.mark.xdist_group("limited")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,7 @@ def limited_stack(tmp_path_factory: pytest.TempPathFactory):
         settings={**FAST_POLLING, "DOCPIPE_TUPUTECH_MAX_IN_FLIGHT": str(LIMIT), "DOCPIPE_LEASE_GRACE": "4"},
     )
     try:
-        local.start_base(["tuputech"])
-        local.start_callbacks()
+        local.start_base(["tuputech"], callbacks=True)
         local.start_worker("l1", ["docpipe.tuputech"], wait=False)
         local.start_worker("l2", ["docpipe.tuputech"], wait=False)
         local.wait_workers(["l1", "l2"])
@@ -83,6 +84,7 @@ def limited_stack(tmp_path_factory: pytest.TempPathFactory):
         local.stop()
 
 
+@LIMITED
 def test_never_more_than_the_limit_in_flight_at_the_provider(limited_stack, tmp_path):
     limited_stack.activate()
     control = EmulatorControl(limited_stack.emulator_url("tuputech"))
@@ -95,6 +97,7 @@ def test_never_more_than_the_limit_in_flight_at_the_provider(limited_stack, tmp_
     assert stats["max_in_flight_seen"] == LIMIT
 
 
+@LIMITED
 def test_a_killed_worker_does_not_hold_its_lease_past_the_grace(limited_stack, tmp_path):
     """A worker killed between taking a lease and submitting: the slot is free again within the grace."""
     limited_stack.activate()
@@ -115,6 +118,7 @@ def test_a_killed_worker_does_not_hold_its_lease_past_the_grace(limited_stack, t
     assert waited < rt.settings.lease_grace + 30  # ...and not longer than their grace (plus the work)
 
 
+@LIMITED
 def test_kill_9_of_a_worker_mid_batch_loses_nothing_and_leaks_no_lease(limited_stack, tmp_path):
     limited_stack.activate()
     control = EmulatorControl(limited_stack.emulator_url("tuputech"))
