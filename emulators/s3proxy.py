@@ -293,6 +293,14 @@ class SigV4Verifier:
                           StringToSign=to_sign, SignatureProvided=provided, CanonicalRequest=canonical)
 
 
+def _operation(method: str, raw_path: bytes, raw_query: bytes) -> str:
+    """A request's kind, for the statistics: method, object or bucket, and its sub-resource
+    (the first query parameter: ``uploads``, ``delete``, ``list-type`` ...), never the key."""
+    target = "object" if b"/" in raw_path.strip(b"/") else "bucket"
+    sub = raw_query.split(b"&", 1)[0].split(b"=", 1)[0].decode("latin-1") if raw_query else ""
+    return f"{method} {target}" + (f"?{sub}" if sub else "")
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -403,6 +411,7 @@ class S3Proxy:
         self.faults = Faults()
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        self.operations: Counter[str] = Counter()  # forwarded requests by kind ("GET object", "GET bucket?list-type")
         self.writes = WriteCounts()
         self._client: httpx.AsyncClient | None = None
 
@@ -442,6 +451,7 @@ class S3Proxy:
             "refused_fault": self.counts["refused_fault"],
             "upstream_errors": self.counts["upstream_errors"],
             "refusals_by_code": dict(self.refusals),
+            "operations": dict(self.operations),
             "faults": self.faults.as_dict(),
         })
 
@@ -518,6 +528,7 @@ class S3Proxy:
             log.warning("upstream failed for %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
             return S3Error(503, "ServiceUnavailable", "Service is unable to handle request.").response(request.method)
         self.counts["forwarded"] += 1
+        self.operations[_operation(request.method, raw_path, raw_query)] += 1
         # S3 has committed a write once it answers 2xx (a 412 to a conditional PUT wrote nothing).
         if 200 <= upstream.status_code < 300 and (where := written_key(request.method, raw_path, raw_query)):
             self.writes.add(*where)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import mimetypes
 import random
 import time
 from datetime import datetime, timezone
 
+from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
@@ -41,9 +43,9 @@ def priority(step: str, *, redriven: bool = False) -> int:
     return max(0, STAGE_PRIORITY[step] - (1 if redriven else 0))
 
 
-def work_prefix(job: Job) -> str:
-    """Where ``fetch`` leaves what ``archive`` commits (in the staging bucket)."""
-    return f"_work/{job.provider}/{job.job_id}/"
+def work_key(job: Job) -> str:
+    """Where ``fetch`` leaves the normalized result that ``archive`` commits (in the staging bucket)."""
+    return f"_work/{job.provider}/{job.job_id}/result.json"
 
 
 # --- stage ---------------------------------------------------------------------------------
@@ -308,16 +310,17 @@ def fetch(job: Job) -> Job:
 
 
 def _park(job: Job, fetched: Fetched) -> Job:
+    """The raw payload and the artifacts go straight to their archive keys: they are written the
+    same by any delivery of this step, and no reader counts a document archived until its
+    ``result.json`` is there. The result itself waits in the work area for ``archive``."""
     result = fetched.result.model_copy(update={"artifacts": sorted(fetched.artifacts)})
     if job.submitted_at:
         result.submitted_at = datetime.fromtimestamp(job.submitted_at, timezone.utc)
-    client = storage.s3_client()
-    bucket = get_settings().staging_bucket
-    prefix = work_prefix(job)
+    prefix = storage.archive_prefix(job.provider, job.job_id)
     for name, data in fetched.artifacts.items():
-        client.put_object(Bucket=bucket, Key=prefix + name, Body=data)
-    client.put_object(Bucket=bucket, Key=prefix + "raw.json", Body=json.dumps(fetched.raw, ensure_ascii=False).encode())
-    client.put_object(Bucket=bucket, Key=prefix + "result.json", Body=result.model_dump_json(indent=2).encode())
+        storage.put_bytes(prefix + name, data, mimetypes.guess_type(name)[0] or "application/octet-stream")
+    storage.put_bytes(prefix + "raw.json", json.dumps(fetched.raw, ensure_ascii=False).encode(), "application/json")
+    storage.s3_client().put_object(Bucket=get_settings().staging_bucket, Key=work_key(job), Body=result.model_dump_json(indent=2).encode())
     jobs.record(get_runtime().redis, job.job_id, state="fetched", stage="fetch")
     return job
 
@@ -326,31 +329,29 @@ def _park(job: Job, fetched: Fetched) -> Job:
 
 
 def archive(job: Job) -> Job:
-    """Copy the work area into the archive; ``result.json`` goes last and only if absent."""
+    """Commit the parked result: ``result.json`` is written last and only if absent, so a second
+    delivery, or a document that failed meanwhile, never gets a second or a different final file.
+
+    Four S3 requests: which final file exists (one LIST), the parked result (GET), the commit
+    (conditional PUT) and the work area's clean-up (DELETE). Copying a work area of raw payload
+    and artifacts took a LIST and a copy and a delete per file besides."""
     rt = get_runtime()
     settings = get_settings()
     final = storage.finished(job.provider, job.job_id)
     if final is None:
-        client = storage.s3_client()
-        src_prefix = work_prefix(job)
-        dst_prefix = storage.archive_prefix(job.provider, job.job_id)
-        names = [o["Key"][len(src_prefix) :] for o in storage.list_objects(settings.staging_bucket, src_prefix)]
-        if "result.json" not in names:
-            raise DocpipeError(f"{job.label()}: nothing fetched to archive", code="work_area_missing")
-        for name in sorted(n for n in names if n != "result.json"):
-            client.copy_object(
-                Bucket=settings.results_bucket,
-                Key=dst_prefix + name,
-                CopySource={"Bucket": settings.staging_bucket, "Key": src_prefix + name},
-            )
-        body = storage.read_object(settings.staging_bucket, src_prefix + "result.json")
-        if storage.put_bytes(dst_prefix + "result.json", body, "application/json", only_if_absent=True):
+        try:
+            body = storage.s3_client().get_object(Bucket=settings.staging_bucket, Key=work_key(job))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+            raise DocpipeError(f"{job.label()}: nothing fetched to archive", code="work_area_missing") from None
+        if storage.put_bytes(storage.archive_prefix(job.provider, job.job_id) + "result.json", body, "application/json", only_if_absent=True):
             final = "result.json"
         else:
             final = storage.finished(job.provider, job.job_id)
             log.info("%s: archive already committed by another delivery", job.label())
-        for name in names:
-            client.delete_object(Bucket=settings.staging_bucket, Key=src_prefix + name)
+    # Also when committed by an earlier run of this step that an outage cut off before its clean-up.
+    storage.s3_client().delete_object(Bucket=settings.staging_bucket, Key=work_key(job))
     jobs.record(rt.redis, job.job_id, state="done" if final == "result.json" else "failed", stage="archive")
     get_provider(job.provider).finished(job)
     return job
