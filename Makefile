@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/docpipe demo $(ARGS)
 
-# The end-to-end tests mostly wait on real processes: two xdist workers, each with its own
-# local stack (tests that must share a stack are grouped). Three were faster (5.5 min) but
-# loaded the 2 cores so that about one run in two saw a baidu submit over its limit.
+# The end-to-end tests mostly wait on real processes: three xdist workers, each with its own
+# local stack (tests that must share a stack, or a module's servers, are grouped). Two took
+# 6.7 min; three take 5 (the suite is then CPU-bound on 2 cores: ~500 CPU-seconds).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n 3 --dist loadgroup $(ARGS)
 
 bench: setup
 	$(PY) -m bench.rate_limits $(ARGS)
