@@ -32,6 +32,9 @@ class DocumentInfo(BaseModel):
     pages: int | None = None
     width: int | None = None
     height: int | None = None
+    # Its size as the provider's request carries it, where ``check`` measured it (baidu: base64,
+    # then url-encoded): the streamed submit sends it with a Content-Length.
+    encoded_size: int | None = None
 
 
 class Job(BaseModel):

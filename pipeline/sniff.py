@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from PIL import Image, ImageFile
 
@@ -78,22 +78,34 @@ def image_size(head: bytes) -> tuple[int, int] | None:
         return None
 
 
+def _base64_pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``base64(data)`` piece by piece: each piece encodes a multiple of 3 bytes (the last one
+    excepted), so the pieces put together are the encoding of the whole."""
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        cut = len(data) - len(data) % 3
+        if cut:
+            yield base64.b64encode(data[:cut])
+        carry = data[cut:]
+    if carry:
+        yield base64.b64encode(carry)
+
+
 def urlencoded_base64_size(chunks: Iterable[bytes]) -> int:
     """Length of ``urlencode(base64(data))`` computed chunk by chunk, as Baidu measures its 10 MB.
 
     base64 output characters ``+``, ``/`` and ``=`` become three characters each once
     url-encoded, so the size depends on the content, not only on the length.
     """
-    total = 0
-    carry = b""
-    for chunk in chunks:
-        data = carry + chunk
-        cut = len(data) - len(data) % 3
-        total += _encoded_len(base64.b64encode(data[:cut]))
-        carry = data[cut:]
-    if carry:
-        total += _encoded_len(base64.b64encode(carry))
-    return total
+    return sum(_encoded_len(piece) for piece in _base64_pieces(chunks))
+
+
+def urlencoded_base64(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``urlencode(base64(data))`` piece by piece, as a form field's value streamed out: the same
+    bytes as ``urllib.parse.quote_plus`` of the whole encoding, never the whole in memory."""
+    for piece in _base64_pieces(chunks):
+        yield piece.replace(b"+", b"%2B").replace(b"/", b"%2F").replace(b"=", b"%3D")
 
 
 def _encoded_len(b64: bytes) -> int:

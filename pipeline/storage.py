@@ -8,6 +8,7 @@ what is already done, and a finished archive is never overwritten: ``result.json
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -154,6 +155,46 @@ def iter_object(bucket: str, key: str, chunk_size: int = CHUNK, etag: str | None
         yield from body.iter_chunks(chunk_size)
     finally:
         body.close()
+
+
+class ObjectStream:
+    """An S3 object read as a request body goes out, with its length known ahead.
+
+    httpx sends a file-like body in chunks, and gives it a Content-Length when it can learn the
+    length by seeking to the end and back: this answers that peek from the size ``stage``
+    measured, and opens the object only at the first read, so a request that waits for its
+    rate token holds no S3 connection meanwhile. Read once, from the start: a resend needs a new
+    stream. ``etag`` pins the version that size belongs to.
+    """
+
+    def __init__(self, bucket: str, key: str, size: int, etag: str | None = None) -> None:
+        self._where, self._size, self._etag = (bucket, key), size, etag
+        self._body: Any = None
+        self._position = 0
+
+    def fileno(self) -> int:
+        raise OSError("an S3 object is not a local file")
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2 and offset == 0:  # the length, as httpx peeks it
+            return self._size
+        if whence == 0 and offset == self._position:
+            return self._position
+        raise io.UnsupportedOperation("a streamed S3 object is read once, from its start")
+
+    def read(self, size: int = -1) -> bytes:
+        if self._body is None:
+            self._body = _get(*self._where, self._etag)["Body"]
+        chunk = self._body.read(None if size is None or size < 0 else size)
+        self._position += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
 
 
 def read_object(bucket: str, key: str, etag: str | None = None) -> bytes:

@@ -6,7 +6,7 @@ import time
 
 import base64
 import os
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 import pytest
@@ -183,18 +183,26 @@ def test_the_task_id_is_read_from_the_raw_submit_answer(text, found):
 
 
 def test_submit_sends_both_spellings_of_the_file_name_and_reports_the_acceptance_first(monkeypatch):
-    monkeypatch.setattr(baidu.storage, "read_object", lambda bucket, key, etag=None: b"\x89PNG")
-    forms: list[bytes] = []
+    # Bytes whose base64 holds "+", "/" and "=", read in chunks that are not multiples of 3.
+    content = b"\x89PNG" + b"\xfb\xff\xbf" * 1000 + b"\xfe"
+    monkeypatch.setattr(baidu.storage, "iter_object", lambda bucket, key, chunk_size=0, etag=None: iter([content[:7], content[7:2000], content[2000:]]))
+    forms: list[httpx.Request] = []
 
     def cut_short(request: httpx.Request) -> httpx.Response:
-        forms.append(request.read())
+        request.read()
+        forms.append(request)
         return httpx.Response(200, text='{"error_code":0,"error_msg":"","log_id":"9","task_result":{"task_id":"task-z"')
 
     accepted = RecordedSubmission()
     with pytest.raises(Transient):
         _provider(cut_short).submit(_job(), accepted)
     assert accepted.accepted_ids == ["task-z"]
-    assert b"fileName=card.png" in forms[0] and b"file_name=card.png" in forms[0]
+    # Streamed, the form is byte for byte what a form built whole would be (the settings' template
+    # and classifier follow), with its length.
+    whole = urlencode({"image": base64.b64encode(content).decode(), "fileName": "card.png", "file_name": "card.png"}).encode()
+    assert forms[0].content.startswith(whole + b"&templateSign=") or forms[0].content == whole
+    assert forms[0].headers["content-length"] == str(len(forms[0].content))
+    assert b"fileName=card.png" in forms[0].content and b"file_name=card.png" in forms[0].content
 
 
 def test_a_status_the_seed_does_not_list_keeps_polling_and_is_named():

@@ -8,6 +8,7 @@ values), so the result bodies here are written out in the shape the emulator ans
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from collections.abc import Callable
@@ -327,7 +328,7 @@ def test_poll_ends_a_failed_extraction_as_provider_failed(status):
 
 
 def test_submit_uploads_the_file_with_the_documented_query(monkeypatch):
-    monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key, etag=None: b"%PDF-1.7 bytes")
+    monkeypatch.setattr(idp.storage, "ObjectStream", lambda bucket, key, size, etag=None: io.BytesIO(b"%PDF-1.7 bytes"))
     requests: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -350,7 +351,7 @@ def test_submit_uploads_the_file_with_the_documented_query(monkeypatch):
 
 
 def test_submit_without_options_uses_the_settings_and_the_image_file_type(monkeypatch):
-    monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key, etag=None: b"\x89PNG")
+    monkeypatch.setattr(idp.storage, "ObjectStream", lambda bucket, key, size, etag=None: io.BytesIO(b"\x89PNG"))
     params: list[httpx.QueryParams] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -363,7 +364,7 @@ def test_submit_without_options_uses_the_settings_and_the_image_file_type(monkey
 
 
 def test_an_oversized_upload_is_permanent_too_large(monkeypatch):
-    monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key, etag=None: b"%PDF-")
+    monkeypatch.setattr(idp.storage, "ObjectStream", lambda bucket, key, size, etag=None: io.BytesIO(b"%PDF-"))
     accepted = RecordedSubmission()
     with pytest.raises(Permanent) as refused:
         make_provider(lambda request: refusal(400, wire.OVER_LIMIT)).submit(make_job(), accepted)
@@ -371,7 +372,7 @@ def test_an_oversized_upload_is_permanent_too_large(monkeypatch):
 
 
 def test_an_accepted_answer_that_fails_validation_reports_its_extract_id_first(monkeypatch):
-    monkeypatch.setattr(idp.storage, "read_object", lambda bucket, key, etag=None: b"%PDF-")
+    monkeypatch.setattr(idp.storage, "ObjectStream", lambda bucket, key, size, etag=None: io.BytesIO(b"%PDF-"))
     body = {"status": 200, "ids": [EXTRACT_ID], "items": [{"id": EXTRACT_ID, "extract_task_id": 3}]}  # no origin/unique name
     accepted = RecordedSubmission()
     with pytest.raises(ValidationError):

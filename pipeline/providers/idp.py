@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -235,9 +236,11 @@ class IdpProvider(Provider):
         max_wait: float | None = None,
         alone: bool = False,
         submission: Submission | None = None,
+        fresh: Callable[[], dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send an API request with the shared token.
+        """Send an API request with the shared token; ``fresh`` makes request arguments that can be
+        sent only once (a streamed upload) anew for each attempt.
 
         On 401 log in again once (single flight) and resend. On 404, send once more under the
         other reading of the seed's path prefix; if that one is served, keep it for every later
@@ -246,7 +249,8 @@ class IdpProvider(Provider):
 
         def attempt(token: str, prefix: str) -> httpx.Response:
             headers = {"Authorization": f"Bearer {token}"}
-            request = self.rt.http.build_request(method, self._base + prefix + path, headers=headers, **kwargs)
+            once = fresh() if fresh is not None else {}
+            request = self.rt.http.build_request(method, self._base + prefix + path, headers=headers, **kwargs, **once)
             return self.send(endpoint, request, max_wait=max_wait, alone=alone, submission=submission)
 
         token = self._credential.get()
@@ -285,7 +289,6 @@ class IdpProvider(Provider):
     def submit(self, job: Job, submission: Submission) -> str:
         doc = job.document
         assert doc is not None
-        content = storage.read_object(doc.bucket, doc.key, doc.etag)
         params: dict[str, Any] = {
             "async_task": "true",
             "feature_type_id": job.options.get("feature_type_id", self.settings.idp_feature_type_id),
@@ -300,7 +303,9 @@ class IdpProvider(Provider):
             "POST",
             wire.TASK_PATH,
             params=params,
-            files=[("files", (doc.filename, content, MIME_TYPES[doc.format]))],
+            # Streamed from S3 as the request goes out (a 50 MB document is never held whole); a
+            # fresh stream for every attempt (a resend after a 401 reads the document again).
+            fresh=lambda: {"files": [("files", (doc.filename, storage.ObjectStream(doc.bucket, doc.key, doc.size, doc.etag), MIME_TYPES[doc.format]))]},
             submission=submission,
         )
         if response.status_code < 400 and (extract_id := accepted_extract_id(response.text)) is not None:
