@@ -9,9 +9,10 @@ document goes through each provider end to end: a PDF just under idp's 50 MB, an
 largest whose base64+url-encoded form fits its 10 MB. The peak resident memory the worker
 reached is read after each (``VmHWM``).
 
-Printed per provider: the document's size, the bytes a submit holding it whole would need (the
-document for idp's multipart upload; the document, its base64 and its url-encoding for baidu:
-the baseline the streaming replaces), the worker's idle and peak RSS, and the growth against
+Printed per provider: the document's size, the size of the artifacts fetch downloaded (idp's
+highlighted PDF, the document with its fields marked), the bytes a worker holding them whole
+would need (the document for idp's multipart upload and the highlighted PDF; the document, its
+base64 and its url-encoding for baidu: the baseline the streaming replaces), the worker's idle and peak RSS, and the growth against
 the 60 MB target. Last line: one JSON object of the figures.
 
 Not measured here (issue 14's other B5 scenarios): the 100,000-key listing rate is
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import sniff
+from pipeline import sniff, storage
+from pipeline.config import get_settings
 from pipeline.devstack import LocalStack
 from pipeline.enqueue import enqueue_many
 from pipeline.samples import make_batch
@@ -80,6 +82,13 @@ def whole_submit_bytes(provider: str, path: Path) -> int:
     return size + size * 4 // 3 + encoded
 
 
+def artifact_bytes(provider: str, job_id: str) -> int:
+    """The size of what fetch downloaded besides the result (idp's highlighted PDF)."""
+    names = storage.archive_names(provider, job_id) - {"result.json", "raw.json"}
+    prefix = storage.archive_prefix(provider, job_id)
+    return sum(storage.head(get_settings().results_bucket, prefix + name)["ContentLength"] for name in names)
+
+
 def run_one(pid: int, provider: str, path: Path) -> dict[str, Any]:
     idle = memory_mb(pid, "VmRSS")
     reset_peak(pid)
@@ -89,10 +98,12 @@ def run_one(pid: int, provider: str, path: Path) -> dict[str, Any]:
         raise SystemExit(f"{path.name} not sent: {sent[0].error}")
     sent[0].handle.wait(timeout=600)
     peak = memory_mb(pid, "VmHWM")
+    artifacts = artifact_bytes(provider, sent[0].handle.job_id)
     return {
         "provider": provider,
         "document_mb": round(path.stat().st_size / MB, 1),
-        "whole_submit_mb": round(whole_submit_bytes(provider, path) / MB, 1),
+        "artifacts_mb": round(artifacts / MB, 1),
+        "whole_submit_mb": round((whole_submit_bytes(provider, path) + artifacts) / MB, 1),
         "idle_rss_mb": round(idle, 1),
         "peak_rss_mb": round(peak, 1),
         "growth_mb": round(peak - idle, 1),
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(pid, provider, path)
                 rows.append(row)
                 print(
-                    f"{provider:<6} {row['document_mb']:>6.1f} MB document (held whole: {row['whole_submit_mb']:>6.1f} MB)  "
+                    f"{provider:<6} {row['document_mb']:>6.1f} MB document, {row['artifacts_mb']:>5.1f} MB artifacts "
+                    f"(held whole: {row['whole_submit_mb']:>6.1f} MB)  "
                     f"worker RSS idle {row['idle_rss_mb']:>6.1f} MB, peak {row['peak_rss_mb']:>6.1f} MB: "
                     f"+{row['growth_mb']:.1f} MB (target <= {TARGET_MB:.0f})  in {row['seconds']:.1f} s",
                     flush=True,

@@ -53,7 +53,7 @@ from urllib.parse import quote
 import jwt
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pypdf import PdfReader
+from pypdf import PdfReader, PdfWriter
 from reportlab.lib.pagesizes import A4
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
@@ -356,8 +356,15 @@ def _group(page: PageContent, line_starts: list[int], node_index: int) -> dict[s
     return {"children": cards, "id": _field_id(f"group:{name}"), "name": name, "node_index": node_index, "type": "group"}
 
 
-def render_highlight(pages: list[PageContent]) -> bytes:
-    """The document's text with every recognised field line highlighted: a real, parseable PDF."""
+def render_highlight(pages: list[PageContent], source: bytes = b"", fmt: str = "") -> bytes:
+    """The document itself with every recognised field line marked, as a platform's highlighted
+    export is: a PDF source keeps its own pages (so the export is about as large as the upload),
+    any other source is drawn as its text. Either way a real, parseable PDF."""
+    if fmt == "pdf":
+        try:
+            return _highlight_pdf(pages, source)
+        except Exception:  # noqa: BLE001 - a PDF pypdf cannot rewrite is drawn as text instead
+            pass
     buffer = io.BytesIO()
     pdf = canvas.Canvas(buffer, pagesize=A4)
     width, height = A4
@@ -378,6 +385,26 @@ def render_highlight(pages: list[PageContent]) -> bytes:
         pdf.showPage()
     pdf.save()
     return buffer.getvalue()
+
+
+def _highlight_pdf(pages: list[PageContent], source: bytes) -> bytes:
+    """Each source page with a translucent mark over the lines that hold a field."""
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(source)))
+    for page, content in zip(writer.pages, pages):
+        if not content.fields:
+            continue
+        width, height = float(page.mediabox.width), float(page.mediabox.height)
+        buffer = io.BytesIO()
+        overlay = canvas.Canvas(buffer, pagesize=(width, height))
+        overlay.setFillColorRGB(1.0, 0.92, 0.3)
+        overlay.setFillAlpha(0.35)
+        for _, _, line in content.fields:
+            overlay.rect(48, height - 76 - 18 * line, width - 96, 16, stroke=0, fill=1)
+        overlay.save()
+        page.merge_page(PdfReader(buffer).pages[0])
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
 
 
 # --- the emulator ---------------------------------------------------------------------------
@@ -756,7 +783,7 @@ class IdpEmulator(Emulator):
         if extract is None:
             return Response("Not Found", status_code=404, media_type="text/plain")
         if extract.highlight is None:
-            extract.highlight = await asyncio.to_thread(render_highlight, await self._analysed(extract))
+            extract.highlight = await asyncio.to_thread(render_highlight, await self._analysed(extract), extract.data, extract.fmt)
         self.accept("download")
         stem = extract.origin_name.rsplit(".", 1)[0] or "document"
         disposition = f"attachment; filename*=UTF-8''{quote(stem + '_highlight.pdf')}"

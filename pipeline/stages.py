@@ -25,7 +25,7 @@ from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError,
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import LearnedSchedule, Lateness, Observation, PollPolicy, observed_processing
 from pipeline.providers import get_provider
-from pipeline.providers.base import Fetched
+from pipeline.providers.base import Download, Fetched
 from pipeline.runtime import get_runtime
 from pipeline.submission import Submission
 
@@ -317,8 +317,13 @@ def _park(job: Job, fetched: Fetched) -> Job:
     if job.submitted_at:
         result.submitted_at = datetime.fromtimestamp(job.submitted_at, timezone.utc)
     prefix = storage.archive_prefix(job.provider, job.job_id)
-    for name, data in fetched.artifacts.items():
-        storage.put_bytes(prefix + name, data, mimetypes.guess_type(name)[0] or "application/octet-stream")
+    for name, artifact in fetched.artifacts.items():
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if isinstance(artifact, Download):
+            with artifact.open() as body:
+                storage.put_stream(prefix + name, body, content_type)
+        else:
+            storage.put_bytes(prefix + name, artifact, content_type)
     storage.put_bytes(prefix + "raw.json", json.dumps(fetched.raw, ensure_ascii=False).encode(), "application/json")
     storage.s3_client().put_object(Bucket=get_settings().staging_bucket, Key=work_key(job), Body=result.model_dump_json(indent=2).encode())
     jobs.record(get_runtime().redis, job.job_id, state="fetched", stage="fetch")

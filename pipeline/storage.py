@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -195,6 +197,53 @@ class ObjectStream:
     def close(self) -> None:
         if self._body is not None:
             self._body.close()
+
+
+class ChunkReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (an HTTP response read as it arrives), so
+    that boto3 can upload it part by part; ``head`` looks at the first bytes without using them."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def head(self, size: int) -> bytes:
+        while len(self._pending) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._pending += chunk
+        return self._pending[:size]
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._pending:
+            self._pending = next((chunk for chunk in self._chunks if chunk), b"")
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+# Parts read and sent by the calling thread, one in memory at a time (boto3's default runs ten
+# threads of 8 MB parts).
+_STREAMED = TransferConfig(multipart_threshold=8 * CHUNK, multipart_chunksize=8 * CHUNK, use_threads=False)
+
+
+def put_stream(key: str, body: BinaryIO, content_type: str) -> None:
+    """Write one archive object from a stream, in parts when it is large.
+
+    The stream is first copied to a temporary file: boto3 keeps every part of a stream it cannot
+    seek until the upload completes (a 49 MB body cost a worker 108 MB), and reads a seekable
+    file one part at a time (8 MB). The download also ends before the upload starts, so a slow
+    S3 does not hold the provider's connection open."""
+    settings = get_settings()
+    with tempfile.TemporaryFile(prefix="docpipe-") as spool:
+        shutil.copyfileobj(body, spool, CHUNK)
+        spool.seek(0)
+        s3_client().upload_fileobj(spool, settings.results_bucket, key, ExtraArgs={"ContentType": content_type}, Config=_STREAMED)
 
 
 def read_object(bucket: str, key: str, etag: str | None = None) -> bytes:

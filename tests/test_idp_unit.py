@@ -448,11 +448,32 @@ def test_fetch_normalizes_keeps_the_raw_body_and_downloads_the_highlight():
 
     fetched = make_provider(handler).fetch(make_job())
     assert fetched.raw == RESULT_BODY
-    assert fetched.artifacts == {"highlight.pdf": pdf}
     assert fetched.result.field("Invoice No") == "INV-1"
+    assert list(fetched.artifacts) == ["highlight.pdf"] and seen[-1].url.path.endswith("/export/highlight")
+    with fetched.artifacts["highlight.pdf"].open() as body:  # downloaded while it is archived
+        assert body.read() == pdf
     download = seen[-1]
     assert str(download.url) == f"{BASE}/download/highlight/abc.pdf"
     assert "authorization" not in download.headers  # the token never follows a download link
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [(httpx.Response(404, text="gone"), "download_failed"), (httpx.Response(200, content=b"<html>oops</html>"), "malformed_answer")],
+)
+def test_a_highlight_download_that_fails_or_is_not_a_pdf_is_transient(answer, code):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/export/highlight"):
+            item = {"file_name": "invoice_highlight.pdf", "url": "/download/highlight/abc.pdf"}
+            return httpx.Response(200, json={"code": 200, "status": 200, "message": wire.HIGHLIGHT_OK, "item": item})
+        if request.url.path == "/download/highlight/abc.pdf":
+            return answer
+        return httpx.Response(200, json=RESULT_BODY)
+
+    download = make_provider(handler).fetch(make_job()).artifacts["highlight.pdf"]
+    with pytest.raises(Transient) as caught, download.open():
+        pass
+    assert caught.value.code == code
 
 
 def test_transport_failures_and_gateway_errors_carry_no_token_or_url():

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NoReturn
 
 import logging
 import time
@@ -47,13 +48,22 @@ class PollOutcome:
     answer: Any = None
 
 
+@dataclass(frozen=True)
+class Download:
+    """An artifact read from the provider while it is written to the archive: a highlighted
+    export is about as large as the document, and a worker holding it whole would need that
+    much memory. ``open`` starts the download and yields its body as a file."""
+
+    open: Callable[[], AbstractContextManager[BinaryIO]]
+
+
 @dataclass
 class Fetched:
     """Everything ``archive`` writes: the normalized result, the raw payload, extra artifacts."""
 
     result: NormalizedResult
     raw: dict[str, Any]
-    artifacts: dict[str, bytes] = field(default_factory=dict)
+    artifacts: dict[str, bytes | Download] = field(default_factory=dict)
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +140,15 @@ class Provider(ABC):
         max_wait: float | None = None,
         alone: bool = False,
         submission: Submission | None = None,
+        stream: bool = False,
     ) -> httpx.Response:
         """Take a rate token (and, for a ``submission``, a slot first), then send.
 
         A submission is told right before the request leaves, and whether it got an answer:
         a request whose connection was refused never left; one that timed out or lost its
         connection after leaving may have been taken by the provider. Transport failures
-        become ``Transient`` without the URL in the message.
+        become ``Transient`` without the URL in the message. A ``stream`` answer's body is read
+        as it arrives, and closing it is the caller's.
         """
         if submission is not None:
             submission.take_slot()
@@ -155,7 +167,7 @@ class Provider(ABC):
             departure = _Departure(self.rt.limiter, grant)
             request.extensions["trace"] = departure.trace
             try:
-                response = self.rt.http.send(request)
+                response = self.rt.http.send(request, stream=stream)
             except _LateDeparture as late:
                 # The machine held this thread past its send time before a byte left: not sent,
                 # and sending now could crowd the next window. The slot goes back; ask again.
@@ -174,6 +186,8 @@ class Provider(ABC):
         metrics.REQUESTS.labels(self.name, endpoint, str(response.status_code)).inc()
         if submission is not None:
             submission.answered = True
+        if stream and (response.status_code == 429 or response.status_code >= 500):
+            response.close()
         if response.status_code == 429:
             raise RateLimited(f"{self.name} {endpoint}: HTTP 429", retry_after=_retry_after(response), provider_code=429)
         if response.status_code >= 500:

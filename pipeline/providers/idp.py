@@ -15,21 +15,23 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import httpx
 import jwt
 from pydantic import ValidationError
 
 from pipeline import storage
+from pipeline.storage import CHUNK, ChunkReader
 from pipeline.credentials import SharedCredential
 from pipeline.errors import AuthExpired, BadInput, Permanent, ProviderError, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, ExtractedField, Job, NormalizedResult, PageText
 from pipeline.providers import idp_wire as wire
-from pipeline.providers.base import Fetched, PollOutcome, Provider, json_object
+from pipeline.providers.base import Download, Fetched, PollOutcome, Provider, json_object
 from pipeline.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -359,22 +361,32 @@ class IdpProvider(Provider):
             raise Transient(f"idp result: status {item.status} after a final success", code="status_regressed")
         return Fetched(result=normalize(job, item), raw=body, artifacts={"highlight.pdf": self._highlight(job)})
 
-    def _highlight(self, job: Job) -> bytes:
-        """Export the highlighted PDF, then download it from the address the export names."""
+    def _highlight(self, job: Job) -> Download:
+        """Export the highlighted PDF; the file its address names is read as it is archived."""
         path = wire.HIGHLIGHT_PATH.format(extract_id=job.provider_task_id)
         item = wire.HighlightResponse.model_validate(self._call("highlight", "GET", path)).item
         if item is None or not item.url:
             raise Transient("idp highlight: answer without a download address", code="malformed_answer")
         # A download address is a link, not an API call: our token never travels to whatever host it names.
         url = httpx.URL(self._base + "/").join(item.url)
-        response = self.send("download", self.rt.http.build_request("GET", url))
-        if response.status_code >= 400:
-            # Fetching again exports again, and a new export names a new address.
-            status = response.status_code
-            raise Transient(f"idp download: HTTP {status}", code="download_failed", provider_code=status)
-        if not response.content.startswith(b"%PDF-"):
-            raise Transient("idp download: the highlighted file is not a PDF", code="malformed_answer")
-        return response.content
+        return Download(open=lambda: self._download(url))
+
+    @contextmanager
+    def _download(self, url: httpx.URL) -> Iterator[BinaryIO]:
+        response = self.send("download", self.rt.http.build_request("GET", url), stream=True)
+        try:
+            if response.status_code >= 400:
+                # Fetching again exports again, and a new export names a new address.
+                status = response.status_code
+                raise Transient(f"idp download: HTTP {status}", code="download_failed", provider_code=status)
+            body = ChunkReader(response.iter_bytes(CHUNK))
+            if not body.head(5).startswith(b"%PDF-"):
+                raise Transient("idp download: the highlighted file is not a PDF", code="malformed_answer")
+            yield body
+        except httpx.TransportError as exc:  # the body broke off midway
+            raise Transient(f"idp download: the body broke off ({type(exc).__name__})", code="no_answer") from None
+        finally:
+            response.close()
 
 
 def _b64(text: str) -> str:

@@ -1,0 +1,34 @@
+"""Streamed archive writes against the local S3: a body read as it arrives lands whole, in parts
+when it is large, and holds one part in memory (the figure is ``python -m bench.scale``'s)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from pipeline import storage
+from pipeline.config import get_settings
+
+
+def _chunks(data: bytes, size: int):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_chunk_reader_gives_back_what_head_looked_at():
+    reader = storage.ChunkReader(iter([b"%P", b"", b"DF-1.7", b" rest"]))
+    assert reader.head(5) == b"%PDF-"
+    assert reader.read() == b"%PDF-1.7 rest"
+    assert reader.read() == b""
+
+
+@pytest.mark.parametrize("size", [1000, 19 * storage.CHUNK + 17])  # one PUT, and three parts
+def test_put_stream_writes_the_whole_body(stack, size):
+    data = os.urandom(size)
+    key = f"test-streams/{size}.bin"
+    storage.put_stream(key, storage.ChunkReader(_chunks(data, 65536)), "application/pdf")
+    stored = storage.s3_client().get_object(Bucket=get_settings().results_bucket, Key=key)
+    assert stored["ContentType"] == "application/pdf"
+    assert hashlib.sha256(stored["Body"].read()).hexdigest() == hashlib.sha256(data).hexdigest()
