@@ -2,9 +2,13 @@
 
 ``python -m bench.listing [--keys 100000]`` puts ``--keys`` small objects under one prefix of
 the local stack's S3 (moto behind the signature-checking front), then runs
-``pipeline.ingest`` over the prefix in this process, with no worker consuming, and samples
-this process' resident memory as it goes. It prints the RSS at each tenth of the listing,
-the growth from the first tenth to the end, and the enqueue rate; last, one JSON line.
+``pipeline.ingest``'s way over the prefix in this process (``batches.fill_location``: a chunk
+of the listing per round trip), with no worker consuming, and samples this process' resident
+memory as it goes. It prints the RSS at each tenth of the listing, the growth from the first
+tenth to the end, and the enqueue rate. Then what bounds it: the pace of the listing alone
+(S3's), and docpipe's own pace from the first ``--held-keys`` of the listing held in memory;
+and the baseline, the same listing enqueued one document at a time (a HEAD, a LIST, a Lua
+start and a publish each; on its first ``--baseline-keys``). Last, one JSON line.
 
 What memory can grow with: nothing per document is kept by the ingest (listing pages are
 dropped as they are consumed, the window of documents in flight is bounded); what stays in
@@ -14,6 +18,7 @@ Redis (job records, queued messages, the batch's member set) is Redis' memory, n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -21,9 +26,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pipeline import batches, storage
+from pipeline.config import get_settings
 from pipeline.devstack import LocalStack
+from pipeline.runtime import get_runtime
 
 
 def rss_mb() -> float:
@@ -33,8 +41,11 @@ def rss_mb() -> float:
     return 0.0
 
 
-def fill_bucket(bucket: str, prefix: str, keys: int, threads: int = 16) -> float:
-    client = storage.s3_client()
+def fill_bucket(bucket: str, prefix: str, keys: int, threads: int = 16, endpoint: str | None = None) -> float:
+    """Put ``keys`` small PDFs; straight to moto when ``endpoint`` names it (the setting up is not
+    what is measured, and the signature-checking front halves its pace)."""
+    settings = get_settings()
+    client = storage.s3_client(settings if endpoint is None else settings.model_copy(update={"s3_endpoint_url": endpoint}))
     client.create_bucket(Bucket=bucket)
     started = time.monotonic()
 
@@ -48,17 +59,51 @@ def fill_bucket(bucket: str, prefix: str, keys: int, threads: int = 16) -> float
     return time.monotonic() - started
 
 
+LOCATION = "s3://bench-inbox/scans/"
+
+
+def from_memory(listed: list[tuple[str, str | None]]) -> float:
+    """docpipe's own pace, S3's listing aside: the same keys enqueued from a listing already
+    held in memory (under other options, so that they are new jobs). Documents per second."""
+    name = batches.new_name("baidu")
+    batches.create(get_runtime().redis, name, provider="baidu", location=LOCATION)
+    started = time.monotonic()
+    filled = batches.fill_listed(name, listed, "baidu", {"held": "1"})
+    return filled.enqueued / (time.monotonic() - started)
+
+
+def one_by_one(keys: int, concurrency: int) -> float:
+    """The baseline: the first ``keys`` of the same listing enqueued one document at a time
+    (a HEAD, a LIST of its archive, a Lua start and a publish each), as a list of s3:// URIs
+    is; under other options, so that they are new jobs. Documents per second."""
+    listed = itertools.islice(batches.list_sources(LOCATION), keys)
+    name = batches.new_name("baidu")
+    batches.create(get_runtime().redis, name, provider="baidu", location=LOCATION)
+    started = time.monotonic()
+    filled = batches.fill(name, (source for source, _ in listed), "baidu", {"baseline": "1"}, concurrency=concurrency)
+    return filled.enqueued / (time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=100_000)
-    parser.add_argument("--concurrency", type=int, default=8, help="documents enqueued at once")
+    parser.add_argument("--baseline-keys", type=int, default=3000, help="keys enqueued one by one, for the baseline")
+    parser.add_argument("--concurrency", type=int, default=8, help="documents the one-by-one baseline enqueues at once")
+    parser.add_argument("--held-keys", type=int, default=30000, help="keys enqueued again from the listing held in memory")
     args = parser.parse_args(argv)
+    print(json.dumps(run(args.keys, args.baseline_keys, args.concurrency, args.held_keys)))
+    return 0
+
+
+def run(keys: int, baseline_keys: int = 3000, concurrency: int = 8, held_keys: int = 30000) -> dict[str, Any]:
+    """Fill a bucket, enqueue it from its listing, print the table; the figures."""
     with tempfile.TemporaryDirectory(prefix="docpipe-listing-") as tmp:
         stack = LocalStack(Path(tmp))
         try:
             stack.start_base(("baidu",))
-            print(f"putting {args.keys} objects into s3://bench-inbox/scans/ ...", flush=True)
-            put_s = fill_bucket("bench-inbox", "scans/", args.keys)
+            stack.activate()
+            print(f"putting {keys} objects into s3://bench-inbox/scans/ ...", flush=True)
+            put_s = fill_bucket("bench-inbox", "scans/", keys, endpoint=f"http://127.0.0.1:{stack.ports['moto']}")
             samples: list[tuple[float, int, float]] = []  # (seconds, documents enqueued, RSS MB)
             done = threading.Event()
             counted = [0]
@@ -75,22 +120,25 @@ def main(argv: list[str] | None = None) -> int:
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             started = time.monotonic()
-            storage_sources = (s for s, _ in batches.list_sources("s3://bench-inbox/scans/"))
             name = batches.new_name("baidu")
-            from pipeline.runtime import get_runtime
-
-            batches.create(get_runtime().redis, name, provider="baidu", location="s3://bench-inbox/scans/")
-            filled = batches.fill(name, storage_sources, "baidu", {}, concurrency=args.concurrency, on_each=count)
+            batches.create(get_runtime().redis, name, provider="baidu", location=LOCATION)
+            filled = batches.fill_location(name, LOCATION, "baidu", {}, on_each=count)
             elapsed = time.monotonic() - started
             done.set()
             sampler.join()
+            listed_at = time.monotonic()
+            held = list(batches.list_sources(LOCATION))
+            listing_alone = len(held) / (time.monotonic() - listed_at)
+            enqueue_alone = from_memory(held[:held_keys])
+            del held
+            baseline = one_by_one(baseline_keys, concurrency)
         finally:
             stack.stop()
-    print(f"put {args.keys} objects in {put_s:.0f}s; enqueued {filled.enqueued} (refused {filled.refused}) in {elapsed:.0f}s")
+    print(f"put {keys} objects in {put_s:.0f}s; enqueued {filled.enqueued} (refused {filled.refused}) in {elapsed:.0f}s")
     print(f"{'share':>6} {'documents':>10} {'RSS MB':>8}")
     marks = []
     for tenth in range(1, 11):
-        target = args.keys * tenth // 10
+        target = keys * tenth // 10
         at = next((s for s in samples if s[1] >= target), samples[-1] if samples else (0.0, 0, rss_mb()))
         marks.append({"share": tenth / 10, "documents": at[1], "rss_mb": round(at[2], 1)})
         print(f"{tenth * 10:>5}% {at[1]:>10} {at[2]:>8.1f}")
@@ -98,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     growth = marks[-1]["rss_mb"] - marks[0]["rss_mb"]
     rate = filled.enqueued / elapsed if elapsed else 0.0
     print(f"RSS idle {idle:.1f} MB, peak {peak:.1f} MB; from the first tenth to the end: {growth:+.1f} MB; {rate:.0f} documents/s enqueued")
-    print(json.dumps({"benchmark": "listing", "keys": args.keys, "enqueued": filled.enqueued, "refused": filled.refused,
-                      "seconds": round(elapsed, 1), "docs_per_s": round(rate, 1), "rss_idle_mb": round(idle, 1),
-                      "rss_peak_mb": round(peak, 1), "rss_growth_first_tenth_to_end_mb": round(growth, 1), "marks": marks}))
-    return 0
+    print(f"the listing alone (S3's pace, the most any enqueue from it could reach): {listing_alone:.0f} keys/s")
+    print(f"enqueue alone, from the first {min(keys, held_keys)} keys of the listing held in memory: {enqueue_alone:.0f} documents/s")
+    print(f"one by one (first {baseline_keys} keys): {baseline:.0f} documents/s; from the listing: {rate / baseline:.1f} x that (target: 2000/s)")
+    return {"benchmark": "listing", "keys": keys, "enqueued": filled.enqueued, "refused": filled.refused,
+            "seconds": round(elapsed, 1), "docs_per_s": round(rate, 1), "target_docs_per_s": 2000,
+            "baseline_docs_per_s": round(baseline, 1), "listing_alone_keys_per_s": round(listing_alone, 1),
+            "enqueue_alone_docs_per_s": round(enqueue_alone, 1), "rss_idle_mb": round(idle, 1),
+            "rss_peak_mb": round(peak, 1), "rss_growth_first_tenth_to_end_mb": round(growth, 1), "marks": marks}
 
 
 if __name__ == "__main__":

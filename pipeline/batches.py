@@ -30,7 +30,7 @@ from typing import Any
 import redis
 
 from pipeline import jobs, storage
-from pipeline.enqueue import DOCUMENT_ERRORS, DocumentFailedError, Enqueued, JobHandle, enqueue, enqueue_many
+from pipeline.enqueue import DOCUMENT_ERRORS, DocumentFailedError, Enqueued, JobHandle, enqueue, enqueue_listed, enqueue_many
 from pipeline.models import JobError, NormalizedResult
 from pipeline.runtime import get_runtime
 
@@ -303,10 +303,42 @@ def fill(
     on_each: Any = None,
 ) -> Filled:
     """Enqueue ``sources`` into batch ``name`` as they come; refused ones are recorded with their reason."""
+    outcomes = enqueue_many(sources, provider, options, retry_failed=retry_failed, concurrency=concurrency, batch=name)
+    return _count(name, outcomes, on_each)
+
+
+def fill_listed(
+    name: str, listed: Iterable[tuple[str, str | None]], provider: str, options: dict[str, Any] | None = None, *, on_each: Any = None
+) -> Filled:
+    """``fill`` from ``list_sources`` of an ``s3://`` location, a chunk of the listing at a time
+    (``enqueue_listed``); a retry of failures goes one by one (``fill``)."""
+    return _count(name, enqueue_listed(listed, provider, options, batch=name), on_each)
+
+
+def fill_location(
+    name: str,
+    location: str,
+    provider: str,
+    options: dict[str, Any] | None = None,
+    *,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    retry_failed: bool = False,
+    concurrency: int = 8,
+    on_each: Any = None,
+) -> Filled:
+    """Enqueue what ``list_sources`` finds under ``location``, by the quickest way that keeps every rule."""
+    listed = list_sources(location, include, exclude)
+    if location.startswith("s3://") and not retry_failed:
+        return fill_listed(name, listed, provider, options, on_each=on_each)
+    sources = (source for source, _ in listed)
+    return fill(name, sources, provider, options, retry_failed=retry_failed, concurrency=concurrency, on_each=on_each)
+
+
+def _count(name: str, outcomes: Iterable[Enqueued], on_each: Any) -> Filled:
     client = get_runtime().redis
     filled = Filled()
-    outcome: Enqueued
-    for outcome in enqueue_many(sources, provider, options, retry_failed=retry_failed, concurrency=concurrency, batch=name):
+    for outcome in outcomes:
         if outcome.handle is None:
             refuse(client, name, outcome.source, outcome.error or "not sent")
             filled.refused += 1
@@ -405,8 +437,8 @@ def ingest(
     preflight.check_for_batch(provider, storage.parse_s3_uri(location)[0] if location.startswith("s3://") else None)
     name = check_name(batch) if batch else new_name(provider)
     create(get_runtime().redis, name, provider=provider, location=location, options=options)
-    sources = (source for source, _ in list_sources(location, include, exclude))
-    return Batch(name, fill(name, sources, provider, options, retry_failed=retry_failed, concurrency=concurrency))
+    filled = fill_location(name, location, provider, options, include=include, exclude=exclude, retry_failed=retry_failed, concurrency=concurrency)
+    return Batch(name, filled)
 
 
 # --- retry and cancel -----------------------------------------------------------------------------

@@ -91,10 +91,8 @@ def _source_bucket(location: str) -> str | None:
     return storage.parse_s3_uri(location)[0] if location.startswith("s3://") else None
 
 
-def _fill(name: str, sources, provider: str, options: dict[str, Any], retry_failed: bool, as_json: bool):
-    """Enqueue as the sources come, with a live count (refusals named as they happen)."""
-    from pipeline import batches
-
+def _fill(name: str, as_json: bool, fill: Callable[[Callable[[Any], None]], Any]):
+    """Run ``fill`` (given the per-document callback) with a live status, naming refusals as they happen."""
     shown = 0
 
     def each(outcome) -> None:
@@ -104,9 +102,9 @@ def _fill(name: str, sources, provider: str, options: dict[str, Any], retry_fail
             shown += 1
 
     if as_json:
-        return batches.fill(name, sources, provider, options, retry_failed=retry_failed, on_each=each)
+        return fill(each)
     with console.status(f"batch {name}: enqueueing..."):
-        return batches.fill(name, sources, provider, options, retry_failed=retry_failed, on_each=each)
+        return fill(each)
 
 
 def _finish(name: str, filled, wait: bool, timeout: float, as_json: bool) -> None:
@@ -186,8 +184,13 @@ def ingest(
     batches.create(get_runtime().redis, name, provider=provider, location=location, options=options)
     if not as_json:
         console.print(f"batch [bold]{name}[/]: {location} -> {provider}")
-    sources = (source for source, _ in batches.list_sources(location, include or (), exclude or ()))
-    filled = _fill(name, sources, provider, options, retry_failed, as_json)
+    filled = _fill(
+        name,
+        as_json,
+        lambda each: batches.fill_location(
+            name, location, provider, options, include=include or (), exclude=exclude or (), retry_failed=retry_failed, on_each=each
+        ),
+    )
     _finish(name, filled, wait, timeout, as_json)
 
 
@@ -214,7 +217,7 @@ def submit(
     batches.create(get_runtime().redis, name, provider=provider, location=" ".join(files)[:500], options=options)
     if not as_json:
         console.print(f"batch [bold]{name}[/]: {len(files)} documents -> {provider}")
-    filled = _fill(name, files, provider, options, retry_failed, as_json)
+    filled = _fill(name, as_json, lambda each: batches.fill(name, files, provider, options, retry_failed=retry_failed, on_each=each))
     _finish(name, filled, wait, timeout, as_json)
 
 

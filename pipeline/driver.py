@@ -108,6 +108,18 @@ def run_step(stage_name: str, payload: dict[str, Any], msg: str, *, publish: Pub
         jobs.claimed_msg.reset(claimed)
 
 
+def dispatch(firsts: list[tuple[dict[str, Any], str]], *, publish: Publish) -> int:
+    """Publish the first step of each job a listing enqueued: (payload, message id) each.
+
+    Not fenced and need not be: each message id is the one its job's record names, so a copy
+    published twice (this message delivered again after a worker died midway) is claimed once
+    and dropped as stale or busy the other time. A dispatch lost altogether leaves records
+    whose message never comes: the reconciler re-drives them once their queue is empty."""
+    for payload, msg in firsts:
+        through_outage(lambda: publish("stage", payload, msg, 0.0), f"dispatch {msg}")  # noqa: B023 - called at once
+    return len(firsts)
+
+
 def _run_claimed(stage_name: str, job: Job, msg: str, *, publish: Publish, holder: str) -> str:
     ledger = get_runtime().ledger
     step = execute(stage_name, job)

@@ -58,6 +58,14 @@ class Superseded(Cancelled):
         super().__init__(message, code=kwargs.pop("code", "superseded"), **kwargs)
 
 
+class AlreadyArchived(Cancelled):
+    """A document enqueued from a listing turned out to be archived already: its job ends, counted
+    as done (or failed) and skipped, and nothing is sent again."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, code=kwargs.pop("code", "already_archived"), **kwargs)
+
+
 class ProviderError(DocpipeError):
     """Anything the provider answered (or failed to answer)."""
 

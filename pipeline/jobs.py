@@ -128,6 +128,8 @@ end
 # KEYS: record. ARGV: job_id, ttl, now, fields (JSON).
 _RECORD = _ACCOUNT + """
 local fields = cjson.decode(ARGV[4])
+local skipped = fields['skipped'] == '1'  -- found already archived: counted as such in its batches
+fields['skipped'] = nil
 local before = redis.call('HMGET', KEYS[1], 'state', 'batches', 'reason')
 if before[1] == 'cancelled' then
   fields['state'] = nil  -- a step that was running when its job was cancelled does not revive it
@@ -138,6 +140,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 if fields['state'] then
   account_all(before[1] or '', fields['state'], before[3], fields['reason'])
   account(ARGV[1], before[2], before[1] or '', fields['state'], before[3], fields['reason'], ARGV[3])
+  if skipped and before[2] then
+    for b in string.gmatch(before[2], '%S+') do redis.call('HINCRBY', 'docpipe:batch:' .. b, 'skipped', 1) end
+  end
 end
 return 1
 """
@@ -319,6 +324,10 @@ def mark_sending(client: redis.Redis, job_id: str) -> int:
     return int(_scripts(client)["sending"](keys=[key(job_id)], args=[time.time(), claimed_msg.get()]))
 
 
+# (job id, first message id, its step, its payload, the record's fields): one job for ``start_many``.
+Start = tuple[str, str, str, dict[str, Any], dict[str, Any]]
+
+
 class JobLedger:
     """The fenced transitions of job records, on one Redis client (scripts registered once)."""
 
@@ -340,19 +349,35 @@ class JobLedger:
     ) -> bool:
         """Open a job with its first message; False when a live chain already has it (nothing
         changed but its joining ``batch``)."""
+        return bool(self._start(**self._start_call(job_id, msg, step, payload, force=force, batch=batch, **fields)))
+
+    def start_many(self, starts: list[Start], *, batch: str = "") -> list[bool | Exception]:
+        """``start`` for many jobs in one round trip; each answer, or the error of that one job."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, msg, step, payload, fields in starts:
+            self._start(**self._start_call(job_id, msg, step, payload, batch=batch, **fields), client=pipe)
+        return [answer if isinstance(answer, Exception) else bool(answer) for answer in pipe.execute(raise_on_error=False)]
+
+    def _start_call(
+        self, job_id: str, msg: str, step: str, payload: dict[str, Any], *, force: bool = False, batch: str = "", **fields: Any
+    ) -> dict[str, Any]:
         now = time.time()
         values = {k: str(v) for k, v in {"state": "queued", "stage": "queued", **fields}.items() if v is not None}
-        return bool(
-            self._start(
-                keys=[key(job_id), ACTIVE],
-                args=[msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values), batch],
-            )
-        )
+        args = [msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values), batch]
+        return {"keys": [key(job_id), ACTIVE], "args": args}
 
     def join(self, job_id: str, batch: str, *, state: str, reason: str = "", skipped: bool = False) -> bool:
         """Count a job in ``batch`` (once): by its record's state, or by ``state`` when it has no
         record (a document found already archived)."""
         return bool(_scripts(self._redis)["join"](keys=[key(job_id)], args=[job_id, batch, state, reason, int(skipped), time.time()]))
+
+    def join_many(self, states: dict[str, str], batch: str, *, skipped: bool = False) -> None:
+        """``join`` for many jobs (job id -> the state to count if its record is gone), in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        script, now = _scripts(self._redis)["join"], time.time()
+        for job_id, state in states.items():
+            script(keys=[key(job_id)], args=[job_id, batch, state, "", int(skipped), now], client=pipe)
+        pipe.execute()
 
     def claim(self, job_id: str, msg: str, holder: str, token: str = "") -> str:
         """``ok`` (run the step), ``stale`` (the job has moved on: drop), ``busy`` (another live worker

@@ -45,6 +45,9 @@ class Job(BaseModel):
     source: str  # what the user gave: a local path or an s3:// URI
     location: str  # s3:// URI of the bytes the workers read (the staging copy of a local file)
     source_etag: str | None = None  # the version of an s3:// source the job was made from: no other is read
+    # Whether enqueue saw that the archive does not hold the document yet: a document enqueued
+    # from a listing was not looked up one by one, and its stage step asks the archive first.
+    archive_checked: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
     document: DocumentInfo | None = None

@@ -15,13 +15,14 @@ import mimetypes
 import random
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded, is_outage
+from pipeline.errors import AlreadyArchived, BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded, is_outage
 from pipeline.models import DocumentInfo, Job, JobError
 from pipeline.polling import LearnedSchedule, Lateness, Observation, PollPolicy, observed_processing
 from pipeline.providers import get_provider
@@ -53,6 +54,8 @@ def work_key(job: Job) -> str:
 
 def stage(job: Job) -> Job:
     """Learn what the document really is and refuse it here, before any provider request."""
+    if not job.archive_checked:
+        _end_if_archived(job)
     bucket, key = storage.parse_s3_uri(job.location)
     try:
         found = storage.read_head(bucket, key, sniff.HEAD_BYTES, etag=job.source_etag)
@@ -107,6 +110,20 @@ def stage(job: Job) -> Job:
         doc_format=fmt,
     )
     return job.model_copy(update={"document": document})
+
+
+def _end_if_archived(job: Job) -> None:
+    """The look-up ``enqueue`` makes one document at a time, made here for a document enqueued
+    from a listing (``enqueue_listed``): a worker's one LIST instead of the listing's."""
+    final = storage.finished(job.provider, job.job_id)
+    if final is None:
+        return
+    fields: dict[str, Any] = {"state": "done", "stage": "archive"}
+    if final == "error.json":
+        error = JobError.model_validate(storage.get_json(storage.archive_prefix(job.provider, job.job_id) + final))
+        fields = {"state": "failed", "stage": error.stage, "error": error.message, "reason": error.reason(), "retryable": int(error.retryable)}
+    jobs.record(get_runtime().redis, job.job_id, skipped=1, **fields)
+    raise AlreadyArchived(f"{job.label()}: already archived ({final}); not sent again")
 
 
 # --- submit --------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -255,10 +257,51 @@ def presign_get(bucket: str, key: str, expires: int = 3600) -> str:
     return s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
 
 
-def list_objects(bucket: str, prefix: str = "") -> Iterator[dict[str, Any]]:
+def list_objects(bucket: str, prefix: str = "", *, ahead: int = 2) -> Iterator[dict[str, Any]]:
+    """Every object under ``prefix``, page by page; the next ``ahead`` pages are fetched in a
+    thread while the caller works on this one (an S3 page of 1,000 keys takes as long to come
+    as the caller takes to enqueue them), and no more are held."""
     paginator = s3_client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        yield from page.get("Contents", [])
+    pages = (page.get("Contents", []) for page in paginator.paginate(Bucket=bucket, Prefix=prefix))
+    for page in _read_ahead(pages, ahead):
+        yield from page
+
+
+_DONE = object()
+
+
+def _read_ahead(items: Iterator[Any], ahead: int) -> Iterator[Any]:
+    """``items``, produced by a thread up to ``ahead`` in advance; its error is raised here, in order."""
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            buffer.put(exc)
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early (an error, a break) lets the thread end
 
 
 # --- the archive -------------------------------------------------------------------------

@@ -73,6 +73,35 @@ def test_a_batch_is_watched_from_its_counters_and_its_failures_are_grouped_and_l
     assert baidu.endpoint("submit")["accepted"] == submits  # refused before any submit, again
 
 
+def test_listing_again_sends_nothing_archived_whether_redis_remembers_it_or_not(stack, baidu, docs):
+    """An S3 listing is enqueued a chunk at a time without asking S3 per document: a finished
+    job Redis remembers is skipped at once, and one it forgot is found archived by its stage
+    step, which ends it without a request to the provider or a second archive."""
+    _inbox(stack, "relist-inbox", docs, 3, corrupt=1)
+    first = docpipe(stack, "ingest", "s3://relist-inbox/in/", "-p", "baidu", "--exclude", "*.txt", "--batch", "b-relist-1",
+                    "--wait", "--timeout", "240", "--json")
+    assert first.returncode == 1 and json.loads(first.stdout)["counts"] == {"done": 3, "failed": 1}, first.stdout + first.stderr
+    submits = baidu.endpoint("submit")["accepted"]
+    client = get_runtime().redis
+    job_ids = [member.job_id for member in batches.members(client, "b-relist-1")]
+    archived = {job_id: storage.archive_names("baidu", job_id) for job_id in job_ids}
+
+    remembered = docpipe(stack, "ingest", "s3://relist-inbox/in/", "-p", "baidu", "--exclude", "*.txt", "--batch", "b-relist-2",
+                         "--wait", "--timeout", "240", "--json")
+    report = json.loads(remembered.stdout)
+    assert report["counts"] == {"done": 3, "failed": 1} and report["skipped"] == 4, remembered.stdout
+
+    client.delete(*(f"docpipe:job:{job_id}" for job_id in job_ids))  # a Redis that lost its records
+    forgotten = docpipe(stack, "ingest", "s3://relist-inbox/in/", "-p", "baidu", "--exclude", "*.txt", "--batch", "b-relist-3",
+                        "--wait", "--timeout", "240", "--json")
+    report = json.loads(forgotten.stdout)
+    assert forgotten.returncode == 1 and report["complete"], forgotten.stdout + forgotten.stderr
+    assert report["counts"] == {"done": 3, "failed": 1} and report["skipped"] == 4
+    assert [job["source"].rsplit("/", 1)[1] for job in report["failed_jobs"]] == ["broken-00.pdf"]
+    assert baidu.endpoint("submit")["accepted"] == submits  # nothing sent again
+    assert {job_id: storage.archive_names("baidu", job_id) for job_id in job_ids} == archived
+
+
 def test_cancel_stops_what_no_provider_has_seen_and_names_what_it_has(stack, baidu, docs):
     samples = make_batch(docs, 24)  # at 2 submits a second, most of them still wait when the cancel comes
     stack.activate()

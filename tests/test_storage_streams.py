@@ -32,3 +32,38 @@ def test_put_stream_writes_the_whole_body(stack, size):
     stored = storage.s3_client().get_object(Bucket=get_settings().results_bucket, Key=key)
     assert stored["ContentType"] == "application/pdf"
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_read_ahead_keeps_the_order_and_raises_the_error_where_it_came():
+    def pages():
+        yield [1, 2]
+        yield [3]
+        raise ConnectionError("S3 went away")
+
+    seen = []
+    with pytest.raises(ConnectionError):
+        for page in storage._read_ahead(pages(), ahead=2):
+            seen.append(page)
+    assert seen == [[1, 2], [3]]
+
+
+def test_read_ahead_stops_its_thread_when_the_reader_stops_early():
+    import threading
+
+    produced = []
+
+    def endless():
+        n = 0
+        while True:
+            produced.append(n)
+            yield n
+            n += 1
+
+    before = threading.active_count()
+    reader = storage._read_ahead(endless(), ahead=2)
+    assert next(reader) == 0
+    reader.close()  # the consumer walks away
+    from pipeline.devstack import wait_until
+
+    wait_until(lambda: threading.active_count() == before, timeout=10, what="the read-ahead thread to end")
+    assert len(produced) <= 5  # it ran at most a few items ahead, never on and on

@@ -36,6 +36,25 @@ def publish_redriven(step: str, payload: dict[str, Any], msg: str, countdown: fl
     publish(step, payload, msg, countdown, redriven=True)
 
 
+def publish_dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) -> None:
+    """Send the first steps of many jobs as one message (``pipeline.enqueue.enqueue_listed``)."""
+    app.send_task(
+        f"docpipe.{provider}.dispatch",
+        args=(firsts,),
+        queue=f"docpipe.{provider}",
+        priority=stages.priority("stage"),
+    )
+
+
+def _make_dispatch(provider: str) -> Task:
+    def run(self: Task, firsts: list[tuple[dict[str, Any], str]]) -> int:
+        return driver.dispatch(firsts, publish=publish)
+
+    run.__name__ = f"{provider}_dispatch"
+    run.__doc__ = f"Publishes the first steps of {provider} documents enqueued from a listing (see pipeline.driver.dispatch)."
+    return app.task(name=f"docpipe.{provider}.dispatch", bind=True, acks_late=True)(run)
+
+
 def _make_task(provider: str, stage_name: str) -> Task:
     def run(self: Task, payload: dict[str, Any]) -> str:
         return driver.run_step(stage_name, payload, self.request.id, publish=publish, holder=holder_id())
@@ -50,3 +69,4 @@ TASKS = {
     for provider in provider_names()
     for stage_name in stages.STAGES
 }
+DISPATCH = {provider: _make_dispatch(provider) for provider in provider_names()}
