@@ -83,10 +83,22 @@ class Row:
 class Chaos:
     """The stack every scenario runs on, and what a fault needs to reach it."""
 
-    def __init__(self, workdir: Path, workers: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        workers: int,
+        *,
+        emulator_config: dict[str, dict[str, Any]] | None = None,
+        settings: dict[str, str] | None = None,
+        tuputech_limit: int = TUPUTECH_LIMIT,
+        concurrency: int = 6,
+    ) -> None:
         self.workdir = workdir
-        self.stack = LocalStack(workdir / "stack", emulator_config={p: dict(EMULATOR) for p in PROVIDERS}, settings=dict(SETTINGS))
+        config = emulator_config or {p: dict(EMULATOR) for p in PROVIDERS}
+        self.stack = LocalStack(workdir / "stack", emulator_config=config, settings={**SETTINGS, **(settings or {})})
         self.workers = workers
+        self.tuputech_limit = tuputech_limit
+        self.concurrency = concurrency
         self.spawned = 0
 
     # -- the stack -------------------------------------------------------------------------------
@@ -110,7 +122,7 @@ class Chaos:
         self.spawned += 1
         name = f"chaos{self.spawned}"
         env = {"DOCPIPE_REDIS_URL": f"redis://127.0.0.1:{self.redis_via}/0"}
-        self.stack.start_worker(name, [f"docpipe.{p}" for p in PROVIDERS], concurrency=6, env=env, wait=wait)
+        self.stack.start_worker(name, [f"docpipe.{p}" for p in PROVIDERS], concurrency=self.concurrency, env=env, wait=wait)
         return name
 
     @property
@@ -207,8 +219,8 @@ class Chaos:
                         print(f"  {row.name}: {provider} {endpoint} over its limit: {json.dumps(seen)}", file=sys.stderr, flush=True)
             if provider == "baidu" and float(stats.get("loop_lag_max_ms", 0)) > 10:
                 row.notes += f" baidu emulator's loop lagged up to {stats['loop_lag_max_ms']:.0f} ms (its stamps may trail arrivals by that);"
-            if provider == "tuputech" and int(stats.get("max_in_flight_seen", 0)) > TUPUTECH_LIMIT:
-                row.limit_violations += int(stats["max_in_flight_seen"]) - TUPUTECH_LIMIT
+            if provider == "tuputech" and int(stats.get("max_in_flight_seen", 0)) > self.tuputech_limit:
+                row.limit_violations += int(stats["max_in_flight_seen"]) - self.tuputech_limit
                 row.notes += f" tuputech: {stats['max_in_flight_seen']} in flight;"
 
 

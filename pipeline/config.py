@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="Fraction of each documented rate the limiter spends: the margin absorbs "
         "network jitter between our clock and the provider's window.",
     )
+    rate_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplies every provider rate the limiter keeps: for benchmarks against emulators whose limits are raised "
+        "as much (time compressed). Leave it at 1 against real providers.",
+    )
     global_limits: bool = Field(
         True, description="Off only for the benchmark's baseline, which measures Celery's per-worker rate_limit instead."
     )

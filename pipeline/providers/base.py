@@ -116,6 +116,8 @@ class Provider(ABC):
                 before_send()
             return None
         key, rate = f"{self.name}:{self.account()}:{endpoint}", self.limits[endpoint]
+        if self.settings.rate_scale != 1.0:
+            rate = Rate(max(1, round(rate.count * self.settings.rate_scale)), per=rate.per)
         at = self.rt.limiter.acquire(
             key, rate, max_wait=self.settings.max_inline_wait if max_wait is None else max_wait, alone=alone, before_send=before_send
         )
