@@ -41,12 +41,14 @@ import redis
 from bench.rate_limits import gap_profile, rate
 from pipeline import jobs, storage
 from pipeline.devstack import LocalStack, free_port, wait_until
-from pipeline.enqueue import JobHandle, enqueue_many
+from pipeline.batches import list_sources
+from pipeline.enqueue import JobHandle, enqueue_listed, enqueue_many
 from pipeline.samples import make_batch, make_report_pdf
 
 PROVIDERS = ("baidu", "idp", "tuputech")
 SHARE = {"baidu": 0.3, "idp": 0.35, "tuputech": 0.35}
 TUPUTECH_LIMIT = 30
+INBOX = "chaos-inbox"
 SETTINGS = {
     "DOCPIPE_POLL_FIRST_DELAY": "1",
     "DOCPIPE_POLL_BASE_DELAY": "0.5",
@@ -113,7 +115,7 @@ class Chaos:
         stack.start_emulators(PROVIDERS)
         self.defaults = {p: self.emulator(p, "/_emulator/config") for p in PROVIDERS}
         stack.activate()
-        storage.ensure_buckets()
+        storage.ensure_buckets(also=[INBOX])
         stack.start_callbacks()
         names = [self.start_worker(wait=False) for _ in range(self.workers)]
         stack.wait_workers(names)
@@ -154,7 +156,13 @@ class Chaos:
                 sources = [make_report_pdf(where / f"r{i:04d}.pdf", i, flagged_page=1 if i % 3 else None).path for i in range(n)]
             else:
                 sources = [s.path for s in make_batch(where, n)]
-            for sent in enqueue_many(sources, provider):
+            # Half as local files, one by one; half from an S3 listing, a chunk and a dispatch message at a time.
+            listed, local = sources[: len(sources) // 2], sources[len(sources) // 2 :]
+            prefix = f"chaos-{name}/{provider}/"
+            for path in listed:
+                storage.upload_file(path, INBOX, prefix + path.name)
+            sent_all = list(enqueue_many(local, provider)) + list(enqueue_listed(list_sources(f"s3://{INBOX}/{prefix}"), provider))
+            for sent in sent_all:
                 if sent.handle is None:
                     raise SystemExit(f"{name}: {sent.source} not sent: {sent.error}")
                 handles.append(sent.handle)

@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     rate_scale: float = Field(
         1.0,
         gt=0,
-        description="Multiplies every provider rate the limiter keeps: for benchmarks against emulators whose limits are raised "
-        "as much (time compressed). Leave it at 1 against real providers.",
+        description="Multiplies every request rate the limiter keeps (not in-flight limits, set on their own): for benchmarks "
+        "against emulators whose limits are raised as much (time compressed). Leave it at 1 against real providers.",
     )
     global_limits: bool = Field(
         True, description="Off only for the benchmark's baseline, which measures Celery's per-worker rate_limit instead."

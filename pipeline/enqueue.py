@@ -198,8 +198,11 @@ def enqueue_many(
 
 
 # Documents of a listing enqueued per round trip: one dispatch message carries their first
-# messages (about 100 KB), and a failed publish refuses no more than these.
+# messages (about 100 KB).
 LISTED_CHUNK = 250
+# How a chunk rides out a Redis (and broker) that refuses it: sent again this many times, after
+# these pauses (about 15 s in all), before its documents are reported as not enqueued.
+CHUNK_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def enqueue_listed(
@@ -208,13 +211,15 @@ def enqueue_listed(
     """Enqueue the objects of an S3 listing, ``(s3 URI, ETag)`` pairs, a chunk at a time.
 
     One by one, a document costs a HEAD, a LIST of its archive, a Lua start and a publish, and
-    a listing enqueued at 146 documents/s (``bench.listing``). Here a chunk costs no S3 request
-    and three Redis round trips: the listing's ETag pins the version instead of a HEAD; what
-    Redis knows of each job (a finished job's record lives a week) skips the finished ones; the
-    rest start in one pipeline, and travel as one ``dispatch`` message that a worker fans out
-    into their first steps. Whether the archive holds a document Redis has no record of is
-    asked by its stage step (``Job.archive_checked``): one LIST by a worker instead of by the
-    listing. A pair without an ETag goes the one-by-one way.
+    a listing enqueued at about 120 documents/s (``bench.listing``). Here a chunk costs no S3
+    request, one Redis pipeline of starts and one ``dispatch`` message, which a worker fans out
+    into the documents' first steps. The listing's ETag pins the version instead of a HEAD; a
+    job Redis remembers as finished (its record lives a week) is skipped by its start script;
+    whether the archive holds a document Redis has no record of is asked by its stage step
+    (``Job.archive_checked``): one LIST by a worker instead of by the listing. So Redis, not
+    the archive, answers "already done" here for a week: a document whose archive was deleted
+    to have it processed again is sent with ``docpipe submit`` (one by one, archive first).
+    A pair without an ETag goes the one-by-one way.
     """
     provider_class(provider)
     options = dict(options or {})
@@ -245,44 +250,59 @@ def _enqueue_chunk(chunk: list[tuple[str, str]], provider: str, options: dict[st
         )
         for source, etag in chunk
     ]
-    try:
-        known = _known_states(rt.redis, [job.job_id for job in listed])
-        finished = [job for job in listed if known[job.job_id] in ("done", "failed")]
-        if finished and batch:
-            rt.ledger.join_many({job.job_id: known[job.job_id] for job in finished}, batch, skipped=True)
-        fresh = [job for job in listed if known[job.job_id] not in ("done", "failed")]
-        msgs = {job.job_id: str(uuid.uuid4()) for job in fresh}
-        payloads = {job.job_id: job.model_dump(mode="json") for job in fresh}
-        fields = {"provider": provider, "options": json.dumps(options, sort_keys=True)}
-        starts = [(job.job_id, msgs[job.job_id], "stage", payloads[job.job_id], {**fields, "source": job.source}) for job in fresh]
-        answers: dict[str, bool | Exception] = dict(zip(msgs, rt.ledger.start_many(starts, batch=batch)))
-    except DOCUMENT_ERRORS as exc:  # Redis refused the chunk: each of its documents says so
-        return [Enqueued(job.source, error=f"not enqueued: {type(exc).__name__}: {exc}") for job in listed]
-    started = [job for job in fresh if answers[job.job_id] is True]
-    if started:
+    msgs = {job.job_id: str(uuid.uuid4()) for job in listed}
+    payloads = {job.job_id: job.model_dump(mode="json") for job in listed}
+    fields = {"provider": provider, "options": json.dumps(options, sort_keys=True)}
+    starts = [(job.job_id, msgs[job.job_id], "stage", payloads[job.job_id], {**fields, "source": job.source}) for job in listed]
+    # The starts are sent again, whole, while Redis refuses some: with the same message ids each
+    # job answers as it did (its own start again is 1), so a lost answer costs nothing.
+    answers: list[int | Exception] = []
+    for delay in (*CHUNK_RETRY_DELAYS, None):
         try:
-            publish_dispatch(provider, [(payloads[job.job_id], msgs[job.job_id]) for job in started])
-        except Exception as exc:
-            for job in started:
-                rt.ledger.abandon(job.job_id, msgs[job.job_id])  # not sent: no record may pass for a running job
-            if not isinstance(exc, DOCUMENT_ERRORS):
-                raise
-            answers.update({job.job_id: exc for job in started})
-    outcomes = []
-    for job in listed:
-        answer = answers.get(job.job_id, True)
-        if isinstance(answer, Exception):
-            outcomes.append(Enqueued(job.source, error=f"not enqueued: {type(answer).__name__}: {answer}"))
-        else:
-            outcomes.append(Enqueued(job.source, handle=JobHandle(job.job_id, provider, job.source, skipped=job.job_id not in answers)))
-    return outcomes
+            answers = rt.ledger.start_many(starts, batch=batch)
+        except DOCUMENT_ERRORS as exc:
+            answers = [exc] * len(starts)
+        if delay is None or not any(isinstance(answer, Exception) for answer in answers):
+            break
+        time.sleep(delay)
+    started = [job for job, answer in zip(listed, answers) if answer == 1]
+    unsent = _dispatch(provider, [(payloads[job.job_id], msgs[job.job_id]) for job in started])
+    if unsent is not None:
+        answers = [unsent if answer == 1 and _abandoned(job.job_id, msgs[job.job_id]) else answer for job, answer in zip(listed, answers)]
+    return [
+        Enqueued(job.source, error=f"not enqueued: {type(answer).__name__}: {answer}")
+        if isinstance(answer, Exception)
+        else Enqueued(job.source, handle=JobHandle(job.job_id, provider, job.source, skipped=answer == 2))
+        for job, answer in zip(listed, answers)
+    ]
 
 
-def _known_states(client: redis.Redis, job_ids: list[str]) -> dict[str, str]:
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hget(jobs.key(job_id), "state")
-    return {job_id: (state.decode() if isinstance(state, bytes) else state or "") for job_id, state in zip(job_ids, pipe.execute())}
+def _dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) -> Exception | None:
+    """Publish the chunk's first steps, again while the broker refuses (a copy that did get
+    through is fenced by its message id); the last error when it never did."""
+    if not firsts:
+        return None
+    error: Exception | None = None
+    for delay in (*CHUNK_RETRY_DELAYS, None):
+        try:
+            publish_dispatch(provider, firsts)
+            return None
+        except DOCUMENT_ERRORS as exc:
+            error = exc
+        if delay is not None:
+            time.sleep(delay)
+    return error
+
+
+def _abandoned(job_id: str, msg: str) -> bool:
+    """Undo a start whose first step could not be published. False when the job runs all the
+    same (a publish that got through though it reported an error, and a worker took it) or
+    when Redis refuses the undo too: the record stays, and the reconciler gives the job its
+    first step once it is overdue."""
+    try:
+        return get_runtime().ledger.abandon(job_id, msg)
+    except DOCUMENT_ERRORS:
+        return False
 
 
 def publish_dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) -> None:

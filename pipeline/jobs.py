@@ -140,7 +140,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 if fields['state'] then
   account_all(before[1] or '', fields['state'], before[3], fields['reason'])
   account(ARGV[1], before[2], before[1] or '', fields['state'], before[3], fields['reason'], ARGV[3])
-  if skipped and before[2] then
+  if skipped and before[2] and before[1] ~= fields['state'] then
     for b in string.gmatch(before[2], '%S+') do redis.call('HINCRBY', 'docpipe:batch:' .. b, 'skipped', 1) end
   end
 end
@@ -155,13 +155,24 @@ return join(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 
 # --- the fenced transitions --------------------------------------------------------------------
 
-# KEYS: record, active. ARGV: msg, step, payload, due, grace, job_id, ttl, now, force, fields (JSON), batch.
+# KEYS: record, active. ARGV: msg, step, payload, due, grace, job_id, ttl, now, force, fields (JSON), batch,
+# keep_final.
 # A job whose record holds a live message is in flight and keeps it (0), unless forced; any
 # other record (none, final, or a lost chain's) starts afresh with this message (1), staying
 # in the batches it belonged to (counted as queued again). Either way it joins ``batch``.
+# With keep_final (a start from a listing, which nobody looked up in the archive), a finished
+# job stays finished and joins as skipped (2). A record that already holds this very message
+# is this start, asked again after its answer was lost (1, nothing changes).
 _START = _ACCOUNT + """
 local before = redis.call('HMGET', KEYS[1], 'msg', 'state', 'batches', 'reason')
 local msg, state = before[1], before[2]
+if msg == ARGV[1] then
+  return 1
+end
+if ARGV[12] == '1' and (state == 'done' or state == 'failed') then
+  join(KEYS[1], ARGV[6], ARGV[11], state, '', '1', ARGV[8])
+  return 2
+end
 local live = msg and msg ~= '' and state ~= 'done' and state ~= 'failed' and state ~= 'cancelled'
 if live and ARGV[9] ~= '1' and redis.call('ZSCORE', KEYS[2], ARGV[6]) then
   join(KEYS[1], ARGV[6], ARGV[11], 'queued', '', '0', ARGV[8])
@@ -351,33 +362,37 @@ class JobLedger:
         changed but its joining ``batch``)."""
         return bool(self._start(**self._start_call(job_id, msg, step, payload, force=force, batch=batch, **fields)))
 
-    def start_many(self, starts: list[Start], *, batch: str = "") -> list[bool | Exception]:
-        """``start`` for many jobs in one round trip; each answer, or the error of that one job."""
+    def start_many(self, starts: list[Start], *, batch: str = "") -> list[int | Exception]:
+        """``start`` for the jobs of a listing, in one round trip: each job's answer (1 started,
+        0 a live chain has it, 2 finished already: joined as skipped), or the error of that one.
+        Asked again with the same message ids, it answers the same: a chunk whose answers were
+        lost can be sent again."""
         pipe = self._redis.pipeline(transaction=False)
         for job_id, msg, step, payload, fields in starts:
-            self._start(**self._start_call(job_id, msg, step, payload, batch=batch, **fields), client=pipe)
-        return [answer if isinstance(answer, Exception) else bool(answer) for answer in pipe.execute(raise_on_error=False)]
+            self._start(**self._start_call(job_id, msg, step, payload, batch=batch, keep_final=True, **fields), client=pipe)
+        return [answer if isinstance(answer, Exception) else int(answer) for answer in pipe.execute(raise_on_error=False)]
 
     def _start_call(
-        self, job_id: str, msg: str, step: str, payload: dict[str, Any], *, force: bool = False, batch: str = "", **fields: Any
+        self,
+        job_id: str,
+        msg: str,
+        step: str,
+        payload: dict[str, Any],
+        *,
+        force: bool = False,
+        batch: str = "",
+        keep_final: bool = False,
+        **fields: Any,
     ) -> dict[str, Any]:
         now = time.time()
         values = {k: str(v) for k, v in {"state": "queued", "stage": "queued", **fields}.items() if v is not None}
-        args = [msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values), batch]
+        args = [msg, step, json.dumps(payload), now, self.grace, job_id, RECORD_TTL, now, int(force), json.dumps(values), batch, int(keep_final)]
         return {"keys": [key(job_id), ACTIVE], "args": args}
 
     def join(self, job_id: str, batch: str, *, state: str, reason: str = "", skipped: bool = False) -> bool:
         """Count a job in ``batch`` (once): by its record's state, or by ``state`` when it has no
         record (a document found already archived)."""
         return bool(_scripts(self._redis)["join"](keys=[key(job_id)], args=[job_id, batch, state, reason, int(skipped), time.time()]))
-
-    def join_many(self, states: dict[str, str], batch: str, *, skipped: bool = False) -> None:
-        """``join`` for many jobs (job id -> the state to count if its record is gone), in one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        script, now = _scripts(self._redis)["join"], time.time()
-        for job_id, state in states.items():
-            script(keys=[key(job_id)], args=[job_id, batch, state, "", int(skipped), now], client=pipe)
-        pipe.execute()
 
     def claim(self, job_id: str, msg: str, holder: str, token: str = "") -> str:
         """``ok`` (run the step), ``stale`` (the job has moved on: drop), ``busy`` (another live worker
@@ -419,9 +434,10 @@ class JobLedger:
         """Forget that ``holder`` received ``msg`` (a message it dropped as stale or busy)."""
         self._redis.srem(held_key(holder), f"{job_id} {msg}")
 
-    def abandon(self, job_id: str, msg: str) -> None:
-        """Undo a ``start`` whose message could not be published, unless something moved the job since."""
-        self._abandon(keys=[key(job_id), ACTIVE], args=[msg, job_id])
+    def abandon(self, job_id: str, msg: str) -> bool:
+        """Undo a ``start`` whose message could not be published, unless something moved the job
+        since (False: it runs)."""
+        return bool(self._abandon(keys=[key(job_id), ACTIVE], args=[msg, job_id]))
 
     def redrive(self, job_id: str, expected_msg: str, new_msg: str) -> tuple[str, dict[str, Any]] | None:
         """Give a stuck job's step to ``new_msg`` if ``expected_msg`` still owns it: (step, payload) to publish."""

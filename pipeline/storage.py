@@ -258,9 +258,9 @@ def presign_get(bucket: str, key: str, expires: int = 3600) -> str:
 
 
 def list_objects(bucket: str, prefix: str = "", *, ahead: int = 2) -> Iterator[dict[str, Any]]:
-    """Every object under ``prefix``, page by page; the next ``ahead`` pages are fetched in a
-    thread while the caller works on this one (an S3 page of 1,000 keys takes as long to come
-    as the caller takes to enqueue them), and no more are held."""
+    """Every object under ``prefix``, page by page; the next pages (``ahead`` of them, and the
+    one being fetched) are read in a thread while the caller works on this one: an S3 page of
+    1,000 keys takes about as long to come as the caller takes to enqueue them."""
     paginator = s3_client().get_paginator("list_objects_v2")
     pages = (page.get("Contents", []) for page in paginator.paginate(Bucket=bucket, Prefix=prefix))
     for page in _read_ahead(pages, ahead):
@@ -271,24 +271,28 @@ _DONE = object()
 
 
 def _read_ahead(items: Iterator[Any], ahead: int) -> Iterator[Any]:
-    """``items``, produced by a thread up to ``ahead`` in advance; its error is raised here, in order."""
+    """``items``, produced by a thread up to ``ahead`` in advance; its error is raised here, in
+    order. A reader that stops early (an error, a break) lets the thread end."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
     stop = threading.Event()
+
+    def hand(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand(item):
                     return
-            buffer.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            buffer.put(exc)
+            hand(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            hand(exc)
 
     thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
     thread.start()
@@ -301,7 +305,7 @@ def _read_ahead(items: Iterator[Any], ahead: int) -> Iterator[Any]:
                 raise item
             yield item
     finally:
-        stop.set()  # a consumer that stops early (an error, a break) lets the thread end
+        stop.set()
 
 
 # --- the archive -------------------------------------------------------------------------

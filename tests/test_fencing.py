@@ -202,3 +202,39 @@ def test_a_submit_that_never_left_clears_its_marker_through_a_redis_outage(ledge
     attempt.refused()
     assert flaky.refusals == 0
     assert "sending_at" not in jobs.read(client, job.job_id)
+
+
+def test_a_listing_chunk_sent_again_answers_the_same_and_counts_each_document_once(ledger):
+    """``start_many`` is sent again whole when Redis refused part of it: a job's own start asked
+    again is started (1) and changes nothing; a finished job stays finished and joins once as
+    skipped (2); a job another chain runs keeps it (0)."""
+    client = get_runtime().redis
+    fresh, finished, running = _job(), _job(), _job()
+    ledger.start(finished.job_id, "old-1", "stage", finished.model_dump(mode="json"), batch="earlier")
+    jobs.record(client, finished.job_id, state="done", stage="archive")
+    ledger.start(running.job_id, "old-2", "stage", running.model_dump(mode="json"), batch="earlier")
+    starts = [(job.job_id, f"new-{n}", "stage", job.model_dump(mode="json"), {}) for n, job in enumerate((fresh, finished, running))]
+
+    assert ledger.start_many(starts, batch="listed") == [1, 2, 0]
+    assert ledger.start_many(starts, batch="listed") == [1, 2, 0]  # the same chunk again: nothing moves
+
+    assert client.hget(jobs.key(fresh.job_id), "msg") == b"new-0"
+    assert client.hget(jobs.key(finished.job_id), "state") == b"done" and client.hget(jobs.key(finished.job_id), "msg") == b"old-1"
+    assert client.hget(jobs.key(running.job_id), "msg") == b"old-2"
+    meta = client.hgetall("docpipe:batch:listed")
+    assert int(meta[b"total"]) == 3 and int(meta[b"skipped"]) == 1
+    counts = {k.decode(): int(v) for k, v in client.hgetall("docpipe:batch:listed:counts").items()}
+    assert {state: n for state, n in counts.items() if n} == {"queued": 2, "done": 1}
+
+
+def test_a_document_found_archived_twice_is_counted_skipped_once(ledger):
+    """A stage step that found the archive and was run again (its worker died before it finished)
+    records the same end: the batch's skipped count moves once."""
+    client = get_runtime().redis
+    job = _job()
+    ledger.start(job.job_id, "m1", "stage", job.model_dump(mode="json"), batch="again")
+    for _ in range(2):
+        jobs.record(client, job.job_id, state="done", stage="archive", skipped=1)
+    assert int(client.hget("docpipe:batch:again", "skipped")) == 1
+    counts = {k.decode(): int(v) for k, v in client.hgetall("docpipe:batch:again:counts").items()}
+    assert {state: n for state, n in counts.items() if n} == {"done": 1}

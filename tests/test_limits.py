@@ -6,6 +6,7 @@ import multiprocessing as mp
 import threading
 import time
 
+import pytest
 import redis
 
 from emulators.common import max_in_window
@@ -218,3 +219,14 @@ def test_send_times_granted_far_ahead_outlive_a_quiet_spell(stack):
     time.sleep(2.2)  # nobody asks: longer than a window and the old lifetime
     wait, _ = limiter.try_acquire(key, rate)
     assert wait > 0  # the last two grants, still ahead, fill their window
+
+
+@pytest.mark.parametrize(
+    ("rate", "scale", "expected"),
+    [(Rate(2), 50, Rate(100)), (Rate(2), 0.75, Rate(1)), (Rate(1), 0.5, Rate(1, per=2.0)), (Rate(10), 1.55, Rate(15))],
+)
+def test_a_scaled_rate_is_never_above_the_scale_asked_for(rate, scale, expected):
+    from pipeline.providers.base import scaled
+
+    assert scaled(rate, scale) == expected
+    assert expected.count / expected.per <= rate.count / rate.per * scale

@@ -67,3 +67,15 @@ def test_read_ahead_stops_its_thread_when_the_reader_stops_early():
 
     wait_until(lambda: threading.active_count() == before, timeout=10, what="the read-ahead thread to end")
     assert len(produced) <= 5  # it ran at most a few items ahead, never on and on
+
+
+def test_read_ahead_thread_ends_when_the_reader_stops_after_the_last_item_was_read():
+    import threading
+
+    from pipeline.devstack import wait_until
+
+    before = threading.active_count()
+    reader = storage._read_ahead(iter([1, 2, 3]), ahead=1)
+    assert next(reader) == 1
+    reader.close()  # the producer may be waiting to hand over 3 or the end
+    wait_until(lambda: threading.active_count() == before, timeout=10, what="the read-ahead thread to end")

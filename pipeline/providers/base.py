@@ -117,7 +117,7 @@ class Provider(ABC):
             return None
         key, rate = f"{self.name}:{self.account()}:{endpoint}", self.limits[endpoint]
         if self.settings.rate_scale != 1.0:
-            rate = Rate(max(1, round(rate.count * self.settings.rate_scale)), per=rate.per)
+            rate = scaled(rate, self.settings.rate_scale)
         at = self.rt.limiter.acquire(
             key, rate, max_wait=self.settings.max_inline_wait if max_wait is None else max_wait, alone=alone, before_send=before_send
         )
@@ -300,6 +300,14 @@ def json_object(response: httpx.Response, where: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Transient(f"{where}: HTTP {response.status_code} answer is not a JSON object", code="malformed_answer")
     return body
+
+
+def scaled(rate: Rate, scale: float) -> Rate:
+    """``rate`` times ``scale``, rounded down, never above it. The window stays as documented
+    (a count that grows, not a window that shrinks): the limiter's margins are fractions of
+    its window, and a window of milliseconds would leave none."""
+    count = rate.count * scale
+    return Rate(int(count), per=rate.per) if count >= 1 else Rate(1, per=rate.per / count)
 
 
 def _retry_after(response: httpx.Response) -> float:
