@@ -161,6 +161,26 @@ def iter_object(bucket: str, key: str, chunk_size: int = CHUNK, etag: str | None
         body.close()
 
 
+class SourceUnreadable(Exception):
+    """The document could not be read from S3 while a request was carrying it out (its cause is
+    S3's error). The request never got its whole body, announced by its Content-Length, so the
+    provider cannot have taken it: the submit was not sent, and waits like any S3 outage."""
+
+
+def request_body(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` as a request body: an error in reading them comes out as ``SourceUnreadable``,
+    which a provider's send tells from a request the provider may have taken."""
+    iterator = iter(chunks)
+    while True:
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise SourceUnreadable(f"{type(exc).__name__} while reading the document from S3") from exc
+        yield chunk
+
+
 class ObjectStream:
     """An S3 object read as a request body goes out, with its length known ahead.
 
@@ -190,9 +210,14 @@ class ObjectStream:
         raise io.UnsupportedOperation("a streamed S3 object is read once, from its start")
 
     def read(self, size: int = -1) -> bytes:
-        if self._body is None:
-            self._body = _get(*self._where, self._etag)["Body"]
-        chunk = self._body.read(None if size is None or size < 0 else size)
+        if self._position >= self._size:
+            return b""  # all of it is out: nothing can fail once the body is whole
+        try:
+            if self._body is None:
+                self._body = _get(*self._where, self._etag)["Body"]
+            chunk = self._body.read(None if size is None or size < 0 else size)
+        except Exception as exc:
+            raise SourceUnreadable(f"{type(exc).__name__} while reading the document from S3") from exc
         self._position += len(chunk)
         return chunk
 

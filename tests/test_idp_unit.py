@@ -350,6 +350,36 @@ def test_submit_uploads_the_file_with_the_documented_query(monkeypatch):
     assert b'name="files"; filename="invoice.pdf"' in body and b"%PDF-1.7 bytes" in body
 
 
+def test_a_document_s3_fails_to_read_midway_is_not_sent_and_waits_as_an_outage(monkeypatch):
+    """The upload streams from S3: when S3 fails before the body is whole, the provider never
+    had the request (its Content-Length was not met), so the submit is not 'outcome unknown'."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline import storage
+    from pipeline.errors import is_outage
+
+    class Failing:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read(self, size=None):
+            self.reads += 1
+            if self.reads > 1:
+                raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+            return b"%PDF-1.7 " + b"x" * 100
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(storage, "_get", lambda bucket, key, etag, **kw: {"Body": Failing()})
+    submission = RecordedSubmission()
+    reached = []
+    with pytest.raises(EndpointConnectionError) as caught:
+        make_provider(lambda request: reached.append(request) or httpx.Response(200)).submit(make_job(), submission)
+    assert is_outage(caught.value)
+    assert submission.sent is False and not reached  # marked leaving, then told it never left
+
+
 def test_submit_without_options_uses_the_settings_and_the_image_file_type(monkeypatch):
     monkeypatch.setattr(idp.storage, "ObjectStream", lambda bucket, key, size, etag=None: io.BytesIO(b"\x89PNG"))
     params: list[httpx.QueryParams] = []

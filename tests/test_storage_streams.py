@@ -79,3 +79,15 @@ def test_read_ahead_thread_ends_when_the_reader_stops_after_the_last_item_was_re
     assert next(reader) == 1
     reader.close()  # the producer may be waiting to hand over 3 or the end
     wait_until(lambda: threading.active_count() == before, timeout=10, what="the read-ahead thread to end")
+
+
+def test_a_request_body_that_fails_to_read_says_so_with_s3_s_error_as_its_cause():
+    def chunks():
+        yield b"field="
+        raise ConnectionError("S3 went away")
+
+    body = storage.request_body(chunks())
+    assert next(body) == b"field="
+    with pytest.raises(storage.SourceUnreadable) as caught:
+        next(body)
+    assert isinstance(caught.value.__cause__, ConnectionError)

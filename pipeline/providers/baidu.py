@@ -368,7 +368,7 @@ class BaiduProvider(Provider):
         def body() -> tuple[Iterator[bytes], int]:
             def chunks() -> Iterator[bytes]:
                 yield head
-                yield from sniff.urlencoded_base64(storage.iter_object(doc.bucket, doc.key, etag=doc.etag))
+                yield from storage.request_body(sniff.urlencoded_base64(storage.iter_object(doc.bucket, doc.key, etag=doc.etag)))
                 yield tail
 
             return chunks(), len(head) + encoded + len(tail)

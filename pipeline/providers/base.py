@@ -22,6 +22,7 @@ from pipeline.errors import DocpipeError, OutcomeUnknown, RateLimited, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, NormalizedResult
 from pipeline.runtime import Runtime
+from pipeline.storage import SourceUnreadable
 
 if TYPE_CHECKING:
     from pipeline.submission import Submission
@@ -181,6 +182,12 @@ class Provider(ABC):
             except httpx.TransportError as exc:
                 metrics.REQUESTS.labels(self.name, endpoint, type(exc).__name__).inc()
                 self._transport_failed(endpoint, exc, submission)
+            except SourceUnreadable as exc:
+                # S3 failed us midway through the body: the provider never had the whole request.
+                metrics.REQUESTS.labels(self.name, endpoint, "source_unreadable").inc()
+                if submission is not None:
+                    submission.not_sent()
+                raise (exc.__cause__ or exc) from None
             finally:
                 if grant is not None and departure.left is not None:
                     self._record_departure(grant, departure.left)
