@@ -145,17 +145,22 @@ class Chaos:
 
     # -- a batch ---------------------------------------------------------------------------------
 
-    def send(self, name: str, count: int) -> list[JobHandle]:
-        folder = self.workdir / "docs" / name
-        handles: list[JobHandle] = []
+    def documents(self, name: str, count: int) -> dict[str, list[Path]]:
+        """``count`` new documents over the three providers, each of a kind its provider reads."""
+        made = {}
         for provider in PROVIDERS:
             n = max(1, round(count * SHARE[provider]))
-            where = folder / provider
+            where = self.workdir / "docs" / name / provider
             where.mkdir(parents=True, exist_ok=True)
             if provider == "tuputech":
-                sources = [make_report_pdf(where / f"r{i:04d}.pdf", i, flagged_page=1 if i % 3 else None).path for i in range(n)]
+                made[provider] = [make_report_pdf(where / f"r{i:05d}.pdf", i, flagged_page=1 if i % 3 else None).path for i in range(n)]
             else:
-                sources = [s.path for s in make_batch(where, n)]
+                made[provider] = [s.path for s in make_batch(where, n)]
+        return made
+
+    def send(self, name: str, count: int) -> list[JobHandle]:
+        handles: list[JobHandle] = []
+        for provider, sources in self.documents(name, count).items():
             # Half as local files, one by one; half from an S3 listing, a chunk and a dispatch message at a time.
             listed, local = sources[: len(sources) // 2], sources[len(sources) // 2 :]
             prefix = f"chaos-{name}/{provider}/"

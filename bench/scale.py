@@ -141,33 +141,23 @@ VOLUME_SETTINGS = {
 VOLUME_LIMITS = {"baidu": ("submit", 2.0 * RAISE), "idp": ("task", 2.0 * RAISE)}
 
 
-def send_listed(chaos: Any, folder: Path, documents: int) -> list[Any]:
+def send_listed(chaos: Any, documents: int) -> list[Any]:
     """Put the documents in an inbox bucket (straight to moto: setting up, not measured), then
     enqueue each provider's prefix from its listing, as ``docpipe ingest`` does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bench.chaos import PROVIDERS, SHARE
     from pipeline.batches import list_sources
     from pipeline.enqueue import enqueue_listed
-    from pipeline.samples import make_report_pdf
 
     settings = get_settings()
     moto = storage.s3_client(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{chaos.stack.ports['moto']}"}))
     moto.create_bucket(Bucket="volume-inbox")
-    files: list[tuple[Path, str]] = []
-    for provider in PROVIDERS:
-        count = max(1, round(documents * SHARE[provider]))
-        where = folder / provider
-        where.mkdir(parents=True, exist_ok=True)
-        if provider == "tuputech":
-            paths = [make_report_pdf(where / f"r{i:05d}.pdf", i, flagged_page=1 if i % 3 else None).path for i in range(count)]
-        else:
-            paths = [sample.path for sample in make_batch(where, count)]
-        files += [(path, f"{provider}/{path.name}") for path in paths]
+    made = chaos.documents("volume", documents)
+    files = [(path, f"{provider}/{path.name}") for provider, paths in made.items() for path in paths]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda item: moto.upload_file(str(item[0]), "volume-inbox", item[1]), files))
     handles = []
-    for provider in PROVIDERS:
+    for provider in made:
         for sent in enqueue_listed(list_sources(f"s3://volume-inbox/{provider}/"), provider):
             if sent.handle is None:
                 raise SystemExit(f"{sent.source} not sent: {sent.error}")
@@ -189,7 +179,7 @@ def volume(workdir: Path, documents: int, workers: int, timeout: float) -> dict[
         chaos.start()
         row = Row(f"volume_{documents}")
         started = time.time()
-        handles = send_listed(chaos, workdir / "docs", documents)
+        handles = send_listed(chaos, documents)
         sent_s = time.time() - started
         print(f"volume: {len(handles)} documents put in S3 and enqueued from its listing in {sent_s:.0f}s; waiting for them to end ...", flush=True)
         states = chaos.wait_ended(handles, timeout)
