@@ -120,10 +120,14 @@ def _end_if_archived(job: Job) -> None:
         return
     fields: dict[str, Any] = {"state": "done", "stage": "archive"}
     if final == "error.json":
-        error = JobError.model_validate(storage.get_json(storage.archive_prefix(job.provider, job.job_id) + final))
-        fields = {"state": "failed", "stage": error.stage, "error": error.message, "reason": error.reason(), "retryable": int(error.retryable)}
+        fields = failure_fields(JobError.model_validate(storage.get_json(storage.archive_prefix(job.provider, job.job_id) + final)))
     jobs.record(get_runtime().redis, job.job_id, skipped=1, **fields)
     raise AlreadyArchived(f"{job.label()}: already archived ({final}); not sent again")
+
+
+def failure_fields(error: JobError) -> dict[str, Any]:
+    """What a failed job's record says of its ``error.json``: where, why, and whether to retry."""
+    return {"state": "failed", "stage": error.stage, "error": error.message, "reason": error.reason(), "retryable": int(error.retryable)}
 
 
 # --- submit --------------------------------------------------------------------------------
@@ -412,15 +416,7 @@ def fail(job: Job, stage_name: str, exc: BaseException) -> JobError:
     final = storage.finished(job.provider, job.job_id)
     if final is None:
         storage.put_json(prefix + "error.json", error.model_dump(mode="json"), only_if_absent=True)
-    jobs.record(
-        rt.redis,
-        job.job_id,
-        state="done" if final == "result.json" else "failed",
-        stage=stage_name,
-        error=message,
-        reason=error.reason(),
-        retryable=int(retryable),
-    )
+    jobs.record(rt.redis, job.job_id, **{**failure_fields(error), "state": "done" if final == "result.json" else "failed"})
     if task_id is None:
         # Nothing runs at the provider. A task that does keeps its slot until its callback
         # comes or its lease expires: the provider still counts it.

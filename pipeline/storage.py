@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -167,17 +168,24 @@ class SourceUnreadable(Exception):
     provider cannot have taken it: the submit was not sent, and waits like any S3 outage."""
 
 
+@contextmanager
+def _reading_source() -> Iterator[None]:
+    """Around each read of a document a request carries: its errors become ``SourceUnreadable``."""
+    try:
+        yield
+    except Exception as exc:
+        raise SourceUnreadable(f"{type(exc).__name__} while reading the document from S3") from exc
+
+
 def request_body(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """``chunks`` as a request body: an error in reading them comes out as ``SourceUnreadable``,
     which a provider's send tells from a request the provider may have taken."""
     iterator = iter(chunks)
     while True:
-        try:
-            chunk = next(iterator)
-        except StopIteration:
+        with _reading_source():
+            chunk = next(iterator, None)
+        if chunk is None:
             return
-        except Exception as exc:
-            raise SourceUnreadable(f"{type(exc).__name__} while reading the document from S3") from exc
         yield chunk
 
 
@@ -212,12 +220,10 @@ class ObjectStream:
     def read(self, size: int = -1) -> bytes:
         if self._position >= self._size:
             return b""  # all of it is out: nothing can fail once the body is whole
-        try:
+        with _reading_source():
             if self._body is None:
                 self._body = _get(*self._where, self._etag)["Body"]
             chunk = self._body.read(None if size is None or size < 0 else size)
-        except Exception as exc:
-            raise SourceUnreadable(f"{type(exc).__name__} while reading the document from S3") from exc
         self._position += len(chunk)
         return chunk
 
