@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from bench.rate_limits import gap_profile, rate
 from pipeline import jobs, storage
-from pipeline.devstack import LocalStack, free_port, wait_until
+from pipeline.devstack import LocalStack, free_port, local_http, wait_until
 from pipeline.batches import list_sources
 from pipeline.enqueue import JobHandle, enqueue_listed, enqueue_many
 from pipeline.samples import make_batch, make_report_pdf
@@ -134,14 +133,14 @@ class Chaos:
 
     def emulator(self, provider: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.stack.emulator_url(provider)}{path}"
-        return (httpx.post(url, json=body) if body is not None else httpx.get(url)).json()
+        return (local_http().post(url, json=body) if body is not None else local_http().get(url)).json()
 
     def reset_emulators(self) -> None:
         """Each emulator back to its configuration at start (faults off) with fresh statistics."""
         for provider in PROVIDERS:
             self.emulator(provider, "/_emulator/config", self.defaults[provider])
-            httpx.post(f"{self.stack.emulator_url(provider)}/_emulator/reset")
-        httpx.delete(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/writes")
+            local_http().post(f"{self.stack.emulator_url(provider)}/_emulator/reset")
+        local_http().delete(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/writes")
 
     # -- a batch ---------------------------------------------------------------------------------
 
@@ -206,7 +205,7 @@ class Chaos:
     # -- the referees ----------------------------------------------------------------------------
 
     def measure(self, row: Row, handles: list[JobHandle], states: dict[str, dict[str, str]]) -> None:
-        writes = httpx.get(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/writes", params={"suffix": "result.json"}).json()["keys"]
+        writes = local_http().get(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/writes", params={"suffix": "result.json"}).json()["keys"]
         row.documents = len(handles)
         for h in handles:
             names = storage.archive_names(h.provider, h.job_id)

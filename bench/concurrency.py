@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from pipeline.devstack import LocalStack
+from pipeline.devstack import LocalStack, local_http
 from pipeline.enqueue import JobHandle, enqueue_many
 from pipeline.samples import make_report_pdf
 
@@ -93,7 +91,7 @@ def send(docs: list[Path], run_id: str) -> list[JobHandle]:
 
 def run_docpipe(stack: LocalStack, docs: list[Path], run_id: str) -> dict[str, Any]:
     base = stack.emulator_url("tuputech")
-    httpx.post(f"{base}/_emulator/reset")
+    local_http().post(f"{base}/_emulator/reset")
     started = time.monotonic()
     handles = send(docs, run_id)
     for handle in handles:
@@ -103,13 +101,13 @@ def run_docpipe(stack: LocalStack, docs: list[Path], run_id: str) -> dict[str, A
 
 
 def stats_of(base: str) -> dict[str, Any]:
-    return httpx.get(f"{base}/_emulator/stats", params={"arrivals": 1}).json()
+    return local_http().get(f"{base}/_emulator/stats", params={"arrivals": 1}).json()
 
 
 def run_batches(stack: LocalStack, docs: list[Path], limit: int, run_id: str) -> dict[str, Any]:
     """The baseline: submit ``limit`` documents, wait until all are called back, repeat."""
     base = stack.emulator_url("tuputech")
-    httpx.post(f"{base}/_emulator/reset")
+    local_http().post(f"{base}/_emulator/reset")
     started = time.monotonic()
     for first in range(0, len(docs), limit):
         for handle in send(docs[first : first + limit], run_id):

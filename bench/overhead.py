@@ -36,7 +36,7 @@ import httpx
 import redis
 
 from pipeline import storage
-from pipeline.devstack import LocalStack
+from pipeline.devstack import LocalStack, local_http
 from pipeline.enqueue import enqueue_many
 from pipeline.providers.baidu import FILE_FIELD, RESULT_PATH, SUBMIT_PATH, TOKEN_PATH
 from pipeline.samples import make_batch
@@ -70,7 +70,7 @@ class Meters:
         self.redis = redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"])
 
     def read(self) -> dict[str, Any]:
-        s3 = httpx.get(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/stats").json()
+        s3 = local_http().get(f"http://127.0.0.1:{self.stack.ports['s3']}/_proxy/stats").json()
         commands = {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in self.redis.info("commandstats").items()}
         return {"s3": s3["forwarded"], "s3_ops": s3["operations"], "redis": commands, "redis_cpu": cpu_of(self.stack.procs["redis"].popen.pid)}
 

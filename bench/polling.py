@@ -36,12 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from PIL import Image
 
 from emulators.common import max_in_window
-from pipeline.devstack import LocalStack
+from pipeline.devstack import LocalStack, local_http
 from pipeline.enqueue import enqueue_many
 
 PROVIDERS = ("baidu", "idp")
@@ -103,7 +102,7 @@ def run_policy(stack: LocalStack, name: str, docs: dict[str, list[Path]], worker
     if name == "adaptive":
         client.delete(*[f"docpipe:processing:{p}" for p in PROVIDERS])  # learn from nothing
     for provider in PROVIDERS:
-        httpx.post(f"{stack.emulator_url(provider)}/_emulator/reset")
+        local_http().post(f"{stack.emulator_url(provider)}/_emulator/reset")
     names = [f"{name}-{i}" for i in range(workers)]
     for worker in names:
         stack.start_worker(worker, [f"docpipe.{p}" for p in PROVIDERS], concurrency=8, env=POLICIES[name], wait=False)
@@ -121,7 +120,7 @@ def run_policy(stack: LocalStack, name: str, docs: dict[str, list[Path]], worker
             stack.procs.pop(f"worker-{worker}").stop()
     row: dict[str, Any] = {"name": name, "seconds": round(time.monotonic() - started, 1)}
     for provider in PROVIDERS:
-        stats = httpx.get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
+        stats = local_http().get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
         row[provider] = figures(stats, RESULT_ENDPOINT[provider])
     row.update(_overall(row))
     return row

@@ -30,10 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from emulators.common import max_in_window
-from pipeline.devstack import LocalStack
+from pipeline.devstack import LocalStack, local_http
 from pipeline.samples import make_batch
 
 SUBMIT_LIMIT, RESULT_LIMIT = 2.0, 10.0
@@ -104,7 +102,7 @@ def run_once(
     from pipeline import enqueue
 
     base = stack.emulator_url("baidu")
-    httpx.post(f"{base}/_emulator/reset")
+    local_http().post(f"{base}/_emulator/reset")
     env = dict(BASELINE) if mode == "celery_rate_limit" else {}
     env.update(extra_env or {})
     if rtt_ms:
@@ -125,7 +123,7 @@ def run_once(
     finally:
         for name in names:
             stack.procs.pop(f"worker-{name}").stop()
-    stats = httpx.get(f"{base}/_emulator/stats", params={"arrivals": 1}).json()
+    stats = local_http().get(f"{base}/_emulator/stats", params={"arrivals": 1}).json()
     return {"mode": mode, "workers": workers, "redis_rtt_ms": rtt_ms, "documents": len(docs), "seconds": round(elapsed, 1), **measure(stats)}
 
 

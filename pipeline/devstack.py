@@ -7,6 +7,7 @@ is what a deployment does: real processes talking over real sockets.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -74,8 +75,20 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f" (last error: {last})" if last else ""))
 
 
+@functools.cache
+def local_http() -> httpx.Client:
+    """One HTTP client per process for the stack's own routes: health checks, the emulators' and
+    the S3 front's control routes. ``httpx.get()`` builds a client per call, and with it an SSL
+    context (about 25 ms of CPU reading the CA bundle) that a plain-HTTP request never uses: the
+    tests' waits, which ask an emulator every tenth of a second, spent a core's worth of the
+    suite's CPU on it. It keeps no cookies: each call stays as independent as a fresh client's."""
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+    return httpx.Client(timeout=5.0, cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+
+
 def _http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=1.0).status_code < 500
+    return local_http().get(url, timeout=1.0).status_code < 500
 
 
 def _point_celery_at(broker_url: str) -> None:
@@ -300,7 +313,7 @@ class LocalStack:
 
     def netem(self, name: str, action: str, **body: Any) -> dict[str, Any]:
         """``delay`` (``ms=``), ``refuse`` (``seconds=``) or ``drop`` on the delay line ``name``."""
-        response = httpx.post(f"http://127.0.0.1:{self.ports[f'netem-{name}-control']}/{action}", json=body, timeout=10)
+        response = local_http().post(f"http://127.0.0.1:{self.ports[f'netem-{name}-control']}/{action}", json=body, timeout=10)
         response.raise_for_status()
         return response.json()
 
@@ -327,7 +340,7 @@ class LocalStack:
     def s3_faults(self, mode: str, seconds: float | None = None) -> None:
         """Make S3 answer ``503 SlowDown`` (``"slowdown"``) or ``500`` (``"error500"``) for ``seconds``; ``"ok"`` ends it."""
         body: dict[str, Any] = {"mode": mode} if seconds is None else {"mode": mode, "seconds": seconds}
-        httpx.post(f"http://127.0.0.1:{self.ports['s3']}/_proxy/faults", json=body, timeout=5).raise_for_status()
+        local_http().post(f"http://127.0.0.1:{self.ports['s3']}/_proxy/faults", json=body, timeout=5).raise_for_status()
 
     def start_emulator(self, provider: str, config: dict[str, Any] | None = None) -> None:
         self._all_ready([self._launch_emulator(provider, config)])
@@ -436,7 +449,7 @@ class LocalStack:
             env={"FLOWER_BASIC_AUTH": ":".join(self.flower_auth)},
             nice=10,  # a monitor: it must never take CPU from the pipeline or the referees
         )
-        self._ready(proc, lambda: httpx.get(f"http://127.0.0.1:{port}/healthcheck", timeout=1.0).status_code == 200, 40, "Flower")
+        self._ready(proc, lambda: local_http().get(f"http://127.0.0.1:{port}/healthcheck", timeout=1.0).status_code == 200, 40, "Flower")
 
     @property
     def flower_url(self) -> str | None:

@@ -9,7 +9,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -69,8 +69,20 @@ class Runtime:
     limiter: RateLimiter
     leases: LeaseSemaphore
     ledger: JobLedger
-    http: httpx.Client
     processing: ProcessingTimes
+    http_client: httpx.Client | None = None  # the providers' client; built on first use unless given
+    _building: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def http(self) -> httpx.Client:
+        """The client every provider call goes through, built on first use: building one makes an
+        SSL context (about 25 ms of CPU reading the CA bundle), and most processes that read the
+        runtime never call a provider (the CLI, an enqueuer, the callback receiver)."""
+        if self.http_client is None:
+            with self._building:
+                if self.http_client is None:
+                    self.http_client = httpx.Client(timeout=self.settings.http_timeout, limits=httpx.Limits(max_connections=20))
+        return self.http_client
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -95,7 +107,6 @@ def get_runtime() -> Runtime:
         limiter=RateLimiter(client, safety=settings.limit_safety),
         leases=LeaseSemaphore(client),
         ledger=JobLedger(client, grace=settings.step_grace, stall=settings.step_stall),
-        http=httpx.Client(timeout=settings.http_timeout, limits=httpx.Limits(max_connections=20)),
         processing=ProcessingTimes(client),
     )
 

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from pipeline import DocumentFailedError
-from pipeline.devstack import LocalStack
+from pipeline.devstack import LocalStack, local_http
 
 PROVIDERS = ("baidu", "idp", "tuputech")
 EMULATORS = {name: {"processing_min": 0.5, "processing_max": 2.0} for name in PROVIDERS}
@@ -68,21 +67,21 @@ class EmulatorControl:
 
     def config(self, **changes) -> dict:
         if changes:
-            return httpx.post(f"{self.base_url}/_emulator/config", json=changes).json()
-        return httpx.get(f"{self.base_url}/_emulator/config").json()
+            return local_http().post(f"{self.base_url}/_emulator/config", json=changes).json()
+        return local_http().get(f"{self.base_url}/_emulator/config").json()
 
     def stats(self) -> dict:
-        return httpx.get(f"{self.base_url}/_emulator/stats").json()
+        return local_http().get(f"{self.base_url}/_emulator/stats").json()
 
     def endpoint(self, name: str) -> dict:
         return self.stats()["endpoints"].get(name, {"requests": 0, "accepted": 0, "limit_violations": 0})
 
     def reset(self) -> None:
-        httpx.post(f"{self.base_url}/_emulator/config", json=self.defaults)
-        httpx.post(f"{self.base_url}/_emulator/reset")
+        local_http().post(f"{self.base_url}/_emulator/config", json=self.defaults)
+        local_http().post(f"{self.base_url}/_emulator/reset")
 
     def post(self, path: str) -> dict:
-        return httpx.post(f"{self.base_url}{path}").json()
+        return local_http().post(f"{self.base_url}{path}").json()
 
 
 def _emulator(stack: LocalStack, name: str) -> Iterator[EmulatorControl]:

@@ -6,12 +6,12 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 
 from pipeline import DocumentFailedError, enqueue, enqueue_many, storage
 from pipeline.samples import make_batch, make_corrupt_pdf, make_oversize_png
 from tests.conftest import outcomes
+from pipeline.devstack import local_http
 
 
 def test_batch_of_documents_is_archived_with_correct_results(baidu, docs):
@@ -204,6 +204,6 @@ def test_the_answer_that_says_done_is_the_result_and_is_not_asked_for_again(prov
     # The emulators finish within 2 s here; a first poll 3 s after submit finds every task done.
     handles = [enqueue(s.path, provider=provider, options={"first_poll_delay": 3.0}) for s in samples]
     results = [h.wait(timeout=120) for h in handles]
-    stats = httpx.get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
+    stats = local_http().get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
     calls = {t["task_id"]: t["result_calls"] for t in stats["tasks"]}
     assert [calls[str(r.provider_task_id)] for r in results] == [1, 1, 1]

@@ -127,7 +127,7 @@ def test_transport_failures_become_transient_without_the_url_or_token():
             return 0.0
 
     settings = Settings(baidu_api_key="AK-SECRET", baidu_secret_key="SK-SECRET", baidu_base_url="http://baidu.invalid")
-    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), leases=None, ledger=None, processing=None, http=httpx.Client(transport=httpx.MockTransport(refuse)))
+    runtime = Runtime(settings=settings, redis=None, limiter=NoLimit(), leases=None, ledger=None, processing=None, http_client=httpx.Client(transport=httpx.MockTransport(refuse)))
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings = runtime, settings
     request = runtime.http.build_request("POST", "http://baidu.invalid/x", params={"access_token": "TOKEN-SECRET"})
@@ -150,7 +150,7 @@ def _provider(handler) -> baidu.BaiduProvider:
     from pipeline.runtime import Runtime
 
     settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url="http://baidu.invalid", global_limits=False)
-    runtime = Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, processing=None, http=httpx.Client(transport=httpx.MockTransport(handler)))
+    runtime = Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, processing=None, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings, provider._base, provider._credential = runtime, settings, settings.baidu_base_url, _Token()
     return provider
@@ -270,7 +270,7 @@ def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_se
 
     settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=f"http://127.0.0.1:{server.server_port}")
     limiter = LateOnce()
-    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http=httpx.Client())
+    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http_client=httpx.Client())
     provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
     provider.rt, provider.settings = runtime, settings
     try:

@@ -10,13 +10,12 @@ import re
 import subprocess
 import sys
 
-import httpx
 import pytest
 import redis
 
 import pipeline
 from pipeline import batches, storage
-from pipeline.devstack import LocalStack, free_port, wait_until
+from pipeline.devstack import LocalStack, free_port, local_http, wait_until
 from pipeline.runtime import get_runtime
 from pipeline.samples import make_batch
 
@@ -159,7 +158,7 @@ def test_a_wait_that_times_out_exits_3(stack, baidu, docs):
 
 def _scrape(url: str) -> dict[str, float]:
     figures: dict[str, float] = {}
-    for line in httpx.get(url, timeout=10).text.splitlines():
+    for line in local_http().get(url, timeout=10).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             figures[name] = float(value)
@@ -188,7 +187,7 @@ def test_metrics_logs_and_flower_show_the_batches(stack, docs):
     exporter = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "metrics", "--port", str(port), "--host", "127.0.0.1"],
                                 env={**os.environ, **stack.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200, 30, "the exporter")
+        wait_until(lambda: local_http().get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200, 30, "the exporter")
         gauges = _scrape(f"http://127.0.0.1:{port}/metrics")
     finally:
         exporter.terminate()
@@ -202,7 +201,7 @@ def test_metrics_logs_and_flower_show_the_batches(stack, docs):
     stepped = [line for line in lines if line.get("job_id")]
     assert stepped and all({"provider", "stage", "message", "level"} <= line.keys() for line in stepped)
 
-    flower = httpx.get(f"{stack.flower_url}/metrics", auth=stack.flower_auth, timeout=30)
+    flower = local_http().get(f"{stack.flower_url}/metrics", auth=stack.flower_auth, timeout=30)
     assert flower.status_code == 200 and "flower_events_total" in flower.text
-    tasks = httpx.get(f"{stack.flower_url}/api/tasks", params={"taskname": "docpipe.baidu.archive"}, auth=stack.flower_auth, timeout=60).json()
+    tasks = local_http().get(f"{stack.flower_url}/api/tasks", params={"taskname": "docpipe.baidu.archive"}, auth=stack.flower_auth, timeout=60).json()
     assert tasks and {t["name"] for t in tasks.values()} == {"docpipe.baidu.archive"}

@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 
-import httpx
 import pytest
 import redis
 
 from pipeline import enqueue, storage
-from pipeline.devstack import DEMO_BAIDU_KEY, DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, LocalStack
+from pipeline.devstack import DEMO_BAIDU_KEY, DEMO_BAIDU_SECRET, DEMO_IDP_PASSWORD, LocalStack, local_http
 from pipeline.samples import make_batch, make_corrupt_pdf, make_report_pdf
 
 # Its tests share one session stack, watched by Flower (the last one reads what the others left there).
@@ -104,10 +103,10 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
 
     # Flower, as an operator sees it (behind basic auth), and the broker's messages: every task
     # argument of the session.
-    assert httpx.get(f"{stack.flower_url}/api/tasks", timeout=30).status_code == 401
-    tasks = httpx.get(f"{stack.flower_url}/api/tasks", auth=stack.flower_auth, timeout=60)
+    assert local_http().get(f"{stack.flower_url}/api/tasks", timeout=30).status_code == 401
+    tasks = local_http().get(f"{stack.flower_url}/api/tasks", auth=stack.flower_auth, timeout=60)
     assert tasks.status_code == 200
-    flower_text = tasks.text + httpx.get(f"{stack.flower_url}/tasks", auth=stack.flower_auth, timeout=60).text
+    flower_text = tasks.text + local_http().get(f"{stack.flower_url}/tasks", auth=stack.flower_auth, timeout=60).text
     seen = tasks.json()
     assert {t["name"] for t in seen.values()} >= {f"docpipe.{p}.{s}" for p in ("baidu", "idp", "tuputech") for s in ("stage", "archive")}
     broker_text = "".join(

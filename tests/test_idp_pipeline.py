@@ -12,14 +12,13 @@ import json
 import math
 import time
 
-import httpx
 import pytest
 from PIL import Image
 from pypdf import PdfReader
 
 from pipeline import DocumentFailedError, enqueue, storage
 from pipeline.config import get_settings
-from pipeline.devstack import DEMO_IDP_PASSWORD, DEMO_IDP_USER
+from pipeline.devstack import DEMO_IDP_PASSWORD, DEMO_IDP_USER, local_http
 from pipeline.providers import idp_wire as wire
 from pipeline.samples import make_batch
 from tests.conftest import EmulatorControl, outcomes
@@ -40,7 +39,7 @@ def _wait_for(check, timeout: float, what: str) -> None:
 def _bad_login(idp: EmulatorControl) -> str:
     """A login with a stale password, as another client of the same account would send it."""
     body = {"username": base64.b64encode(DEMO_IDP_USER.encode()).decode(), "password": base64.b64encode(b"stale").decode()}
-    return httpx.post(f"{idp.base_url}{wire.LOGIN_PATH}", json=body).json()["message"]
+    return local_http().post(f"{idp.base_url}{wire.LOGIN_PATH}", json=body).json()["message"]
 
 
 def test_batch_of_documents_is_archived_with_results_and_highlight(idp, docs):

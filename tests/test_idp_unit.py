@@ -121,7 +121,7 @@ def make_provider(handler: Callable[[httpx.Request], httpx.Response], **settings
         idp_base_url=BASE, idp_username="alice", idp_password=PASSWORD, global_limits=False, idp_login_cooldown=7, **settings
     )
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    runtime = Runtime(settings=config, redis=None, limiter=None, leases=None, ledger=None, processing=None, http=http)
+    runtime = Runtime(settings=config, redis=None, limiter=None, leases=None, ledger=None, processing=None, http_client=http)
     provider = idp.IdpProvider(runtime)
     provider._credential = StubCredential()
     return provider
@@ -288,7 +288,7 @@ def test_failed_logins_raise_without_the_password(message, kind, code):
 
 def test_the_shared_login_cools_down_for_the_configured_time():
     settings = Settings(idp_login_cooldown=7, idp_username="alice")
-    provider = idp.IdpProvider(Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, processing=None, http=httpx.Client()))
+    provider = idp.IdpProvider(Runtime(settings=settings, redis=None, limiter=None, leases=None, ledger=None, processing=None, http_client=httpx.Client()))
     assert provider._credential._cooldown == 7
     assert "alice" not in provider._credential._key  # keyed by a fingerprint of the username
 
