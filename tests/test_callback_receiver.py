@@ -54,14 +54,22 @@ def _signed(stack, payload: dict) -> dict:
     return seal(stack.tuputech_keys()["provider_private"], payload)
 
 
-def _traces(client: redis.Redis) -> dict[bytes, object]:
-    """Everything a callback can write: stored results, nonces, timings, leases, job records (the
-    workers' heartbeats and locks change on their own and say nothing about callbacks)."""
+def _traces(client: redis.Redis, payloads: list[dict]) -> dict[bytes, object]:
+    """Everything a callback for these payloads can write: the job records, stored results,
+    nonces and leases they name (the processing-time sample goes in one transaction with the
+    stored result). Only theirs: the session's workers may still be finishing an earlier test's
+    documents, whose records and callbacks change on their own."""
+    jobs_named = {p["customInfo"]["docpipeJob"] for p in payloads if isinstance(p, dict) and "customInfo" in p}
+    names = [f"docpipe:job:{j}" for j in jobs_named]
+    names += [f"docpipe:callback:tuputech:{p['requestId']}" for p in payloads if "requestId" in p]
+    names += [f"docpipe:callback-nonce:tuputech:{p['nonce']}" for p in payloads if "nonce" in p]
     found: dict[bytes, object] = {}
-    for pattern in ("docpipe:callback*", "docpipe:processing:*", "docpipe:lease:*", "docpipe:job:*"):
-        for name in client.scan_iter(pattern, count=1000):
-            kind = client.type(name)
-            found[name] = client.hgetall(name) if kind == b"hash" else client.dump(name)
+    for name in names:
+        kind = client.type(name)
+        if kind != b"none":
+            found[name.encode()] = client.hgetall(name) if kind == b"hash" else client.dump(name)
+    for lease in client.scan_iter("docpipe:lease:*", count=1000, _type="zset"):
+        found[lease] = sorted(m for m in client.zrange(lease, 0, -1) if m.decode() in jobs_named)
     return found
 
 
@@ -84,20 +92,27 @@ def test_every_refusal_happens_before_any_write(receiver):
     job_id, task_id = _job(), secrets.token_hex(16)
     jobs.record(rt.redis, job_id, provider_task_id=task_id, submitted_at=time.time())
     forger, _ = generate_key_pair()
-    before = _traces(rt.redis)
+    payloads = {
+        "forged": _payload(job_id, task_id),
+        "another job's echo": _payload(_job(), task_id),
+        "replayed from long ago": _payload(job_id, task_id, timestamp=int(time.time()) - 3600),
+        "an earlier attempt's task": _payload(job_id, secrets.token_hex(16)),
+        "malformed job id": _payload(job_id, task_id),
+    }
+    before = _traces(rt.redis, list(payloads.values()))
     refusals = {
-        "forged": (job_id, seal(forger, _payload(job_id, task_id)), 403),
+        "forged": (job_id, seal(forger, payloads["forged"]), 403),
         "not json": (job_id, b"not json", 400),
         "not an envelope": (job_id, {"json": "{}"}, 400),
-        "malformed job id": ("../../etc", _signed(receiver, _payload(job_id, task_id)), 404),
-        "another job's echo": (job_id, _signed(receiver, _payload(_job(), task_id)), 403),
-        "replayed from long ago": (job_id, _signed(receiver, _payload(job_id, task_id, timestamp=int(time.time()) - 3600)), 403),
-        "an earlier attempt's task": (job_id, _signed(receiver, _payload(job_id, secrets.token_hex(16))), 409),
+        "malformed job id": ("../../etc", _signed(receiver, payloads["malformed job id"]), 404),
+        "another job's echo": (job_id, _signed(receiver, payloads["another job's echo"]), 403),
+        "replayed from long ago": (job_id, _signed(receiver, payloads["replayed from long ago"]), 403),
+        "an earlier attempt's task": (job_id, _signed(receiver, payloads["an earlier attempt's task"]), 409),
         "over the size cap": (job_id, b"{" + b" " * (rt.settings.callback_max_bytes + 1) + b"}", 413),
     }
     for what, (path_job, body, status) in refusals.items():
         assert _post(receiver, path_job, body).status_code == status, what
-    assert _traces(rt.redis) == before  # no trace of any of them
+    assert _traces(rt.redis, list(payloads.values())) == before  # no trace of any of them
     assert _post(receiver, job_id, _signed(receiver, _payload(job_id, task_id))).status_code == 200  # the right one still gets in
 
 
