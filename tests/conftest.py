@@ -28,7 +28,7 @@ FAST_POLLING = {
     # of production (bench.chaos measures those).
     "DOCPIPE_HEARTBEAT_EVERY": "1",
     "DOCPIPE_HEARTBEAT_TTL": "6",
-    "DOCPIPE_STEP_GRACE": "10",
+    "DOCPIPE_STEP_GRACE": "5",
     # A transient failure is retried after 1, 2, 2, 2 ... s instead of up to a minute: the retries
     # and their count are what the tests check, not the production waits.
     "DOCPIPE_RETRY_MAX_DELAY": "2",

@@ -22,7 +22,7 @@ OUTAGE = 6.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[chaos.Chaos]:
     chaos.SETTINGS["DOCPIPE_TUPUTECH_CALLBACK_WINDOW"] = "5"
     # Shorter clocks than production's (the benchmark plays those): heartbeats, grace, reconciler.
-    chaos.SETTINGS.update(DOCPIPE_HEARTBEAT_EVERY="1", DOCPIPE_HEARTBEAT_TTL="6", DOCPIPE_STEP_GRACE="10", DOCPIPE_RECONCILE_EVERY="1")
+    chaos.SETTINGS.update(DOCPIPE_HEARTBEAT_EVERY="1", DOCPIPE_HEARTBEAT_TTL="6", DOCPIPE_STEP_GRACE="5", DOCPIPE_RECONCILE_EVERY="1")
     # The session stack's shorter processing times and retry waits: what a scenario checks is
     # where each document ends, not how long production's clocks take to get it there.
     chaos.SETTINGS.update(DOCPIPE_RETRY_MAX_DELAY="2", DOCPIPE_POLL_MAX_DELAY="2")

@@ -71,7 +71,7 @@ def test_tuputech_example_reading_counts_pages_from_zero_without_message(tuputec
 def test_a_baidu_status_no_table_lists_keeps_polling_and_names_it_at_the_deadline(baidu, docs, status):
     baidu.config(running_status=status, processing_min=600, processing_max=600)
     sample = make_batch(docs, 1)[0]
-    handle = enqueue(sample.path, provider="baidu", options={"deadline": 6})
+    handle = enqueue(sample.path, provider="baidu", options={"deadline": 4})
     with pytest.raises(DocumentFailedError) as failed:
         handle.wait(timeout=90)
     error = failed.value.error
@@ -83,7 +83,7 @@ def test_a_baidu_status_no_table_lists_keeps_polling_and_names_it_at_the_deadlin
 def test_idp_text_converted_or_an_unlisted_status_ends_at_the_deadline_with_its_name(idp, docs, status):
     idp.config(success_status=status, processing_min=0.5, processing_max=0.5)
     sample = make_batch(docs, 1)[0]
-    handle = enqueue(sample.path, provider="idp", options={"deadline": 6})
+    handle = enqueue(sample.path, provider="idp", options={"deadline": 4})
     with pytest.raises(DocumentFailedError) as failed:
         handle.wait(timeout=90)
     error = failed.value.error
