@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/docpipe demo $(ARGS)
 
-# The end-to-end tests mostly wait on real processes: three xdist workers, each with its own
-# local stack (tests that must share a stack, or a module's servers, are grouped). Two took
-# 6.7 min; three take 5 (the suite is then CPU-bound on 2 cores: ~500 CPU-seconds).
+# The end-to-end tests mostly wait on real processes: five xdist workers, each with its own
+# local stack (tests that must share a stack, or a module's servers, are grouped). On 2 cores,
+# measured: 3 workers 3:46, 4 workers 3:04, 5 workers 2:55-2:58 (1.9 cores busy: CPU-bound),
+# and 3:44 with a CPU hog beside it.
 test: setup
-	$(PY) -m pytest -n 3 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n 5 --dist loadgroup $(ARGS)
 
 bench: setup
 	$(PY) -m bench.rate_limits $(ARGS)
