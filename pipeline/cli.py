@@ -558,8 +558,12 @@ def up(
         pass
     finally:
         console.print("stopping the local stack")
-        stack.stop()
-        UP_STATE.unlink(missing_ok=True)
+        try:
+            stack.stop()
+        except KeyboardInterrupt:
+            pass  # signalled again while stopping: the stop held the signal back and finished first
+        finally:
+            UP_STATE.unlink(missing_ok=True)
 
 
 def _bucket_names() -> list[str]:

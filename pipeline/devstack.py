@@ -7,6 +7,7 @@ is what a deployment does: real processes talking over real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,27 @@ def interrupt_on_termination() -> None:
 
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Let a stop finish: a second Ctrl-C or SIGTERM (a supervisor that signals the whole process
+    group, an impatient user) raised inside the stop's ``finally`` left the processes not yet
+    signalled running. Each stop is bounded (SIGKILL at its deadline), so holding the signals
+    back until it ends costs seconds at most; one that came meanwhile is raised then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            raise KeyboardInterrupt(f"stopped by {signal.Signals(held[0]).name}")
 
 
 def free_port() -> int:
@@ -115,8 +137,9 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        self.signal(sig)
-        self.reap(time.monotonic() + timeout)
+        with _signals_held():
+            self.signal(sig)
+            self.reap(time.monotonic() + timeout)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.alive():
@@ -493,13 +516,14 @@ class LocalStack:
         made a stack of ten processes take minutes to stop."""
         clients = [p for name, p in self.procs.items() if name.startswith(("worker-", "flower", "callbacks"))]
         servers = [p for p in self.procs.values() if p not in clients]
-        for wave in (clients, servers):
-            for proc in wave:
-                proc.signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for proc in wave:
-                proc.reap(deadline)
-        self.procs.clear()
+        with _signals_held():
+            for wave in (clients, servers):
+                for proc in wave:
+                    proc.signal(signal.SIGTERM)
+                deadline = time.monotonic() + timeout
+                for proc in wave:
+                    proc.reap(deadline)
+            self.procs.clear()
 
     def __enter__(self) -> LocalStack:
         return self

@@ -1,5 +1,6 @@
 """``docpipe up`` and ``docpipe down``: the local stack as processes, and every one of them gone
-when it is stopped, by ``down`` (SIGTERM) or by a closed terminal (SIGHUP)."""
+when it is stopped, by ``down`` (SIGTERM), by a closed terminal (SIGHUP), or by a SIGTERM that
+comes again while it stops."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _as_from_a_terminal() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("stop", ["down", "hangup"])
+@pytest.mark.parametrize("stop", ["down", "hangup", "terminated_twice"])
 def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, stop):
     env = {**os.environ, "HOME": str(tmp_path)}
     up = subprocess.Popen(
@@ -82,8 +83,12 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
         if stop == "down":
             down = subprocess.run([sys.executable, "-m", "pipeline.cli", "down"], env=env, capture_output=True, text=True, timeout=120)
             assert down.returncode == 0, down.stdout + down.stderr
-        else:
+        elif stop == "hangup":
             up.send_signal(signal.SIGHUP)
+        else:  # a supervisor that signals again while `up` is stopping what it started
+            up.send_signal(signal.SIGTERM)
+            wait_until(lambda: not all(_alive(pid) for pid in started), 30, "the first process of the stack stopped")
+            up.send_signal(signal.SIGTERM)
         try:
             up.wait(60)
         except subprocess.TimeoutExpired:
