@@ -40,8 +40,10 @@ import redis
 from PIL import Image
 
 from emulators.common import max_in_window
+from pipeline.config import get_settings
 from pipeline.devstack import LocalStack, local_http
 from pipeline.enqueue import enqueue_many
+from pipeline.polling import LearnedSchedule, ProcessingTimes
 
 PROVIDERS = ("baidu", "idp")
 RESULT_ENDPOINT = {"baidu": "get_result", "idp": "result"}
@@ -121,9 +123,20 @@ def run_policy(stack: LocalStack, name: str, docs: dict[str, list[Path]], worker
     row: dict[str, Any] = {"name": name, "seconds": round(time.monotonic() - started, 1)}
     for provider in PROVIDERS:
         stats = local_http().get(f"{stack.emulator_url(provider)}/_emulator/stats", params={"arrivals": 1}).json()
-        row[provider] = figures(stats, RESULT_ENDPOINT[provider])
+        row[provider] = figures(stats, RESULT_ENDPOINT[provider]) | planned(client, provider)
     row.update(_overall(row))
     return row
+
+
+def planned(client: redis.Redis, provider: str) -> dict[str, Any]:
+    """What the schedule learnt from this run's processing times promises when replayed on them
+    (calls and median delay share): the gap to what the emulators measured is the polls' own
+    lateness (a countdown, the broker, a free worker thread), not the schedule."""
+    settings = get_settings()
+    model = LearnedSchedule.fit(ProcessingTimes(client).samples(provider), budget=settings.poll_call_budget, min_samples=settings.poll_learn_after)
+    if model is None:
+        return {}
+    return {"planned_calls_per_doc": round(model.expected_calls, 3), "planned_median_delay_share": round(model.median_delay_share, 3)}
 
 
 def _overall(row: dict[str, Any]) -> dict[str, Any]:
@@ -144,9 +157,16 @@ def print_row(row: dict[str, Any]) -> None:
         print(
             f"{row['name']:<14} {provider:<6} {f['documents']:>5} {f['calls_per_doc']:>10.2f} {f['median_delay_s']:>9.2f} "
             f"{f['p95_delay_s']:>8.2f} {f['median_delay_share']:>11.3f} {f['p95_delay_share']:>10.3f} "
-            f"{f['max_result_calls_in_1s']:>13} {f['median_processing_s']:>8.1f} {f['max_processing_s']:>7.1f}",
+            f"{f['max_result_calls_in_1s']:>13} {f['median_processing_s']:>8.1f} {f['max_processing_s']:>7.1f}"
+            f"{_planned(f)}",
             flush=True,
         )
+
+
+def _planned(f: dict[str, Any]) -> str:
+    if "planned_calls_per_doc" not in f:
+        return ""
+    return f"   (schedule's replay: {f['planned_calls_per_doc']:.2f} calls, median share {f['planned_median_delay_share']:.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
