@@ -108,10 +108,15 @@ def local_http() -> httpx.Client:
     context (about 25 ms of CPU reading the CA bundle) that a plain-HTTP request never uses, and
     the tests' waits ask an emulator every tenth of a second (py-spy over one make test: 130 s
     of samples in ssl.create_default_context). It keeps no cookies: each call stays as
-    independent as a fresh client's."""
+    independent as a fresh client's. An idle connection is dropped after 1 s, well before the
+    servers' own keep-alive timeout (uvicorn's 5 s, httpx's default expiry too): reused at the
+    moment the server closed it, a request met "Server disconnected without sending a response"
+    (seen once in make test)."""
     from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-    return httpx.Client(timeout=5.0, cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+    return httpx.Client(
+        timeout=5.0, limits=httpx.Limits(keepalive_expiry=1.0), cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    )
 
 
 def _http_ok(url: str) -> bool:
