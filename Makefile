@@ -31,7 +31,7 @@ demo: setup
 # The end-to-end tests mostly wait on real processes: five xdist workers, each with its own
 # local stack (tests that must share a stack, or a module's servers, are grouped). On 2 cores,
 # measured: 3 workers 3:46, 4 workers 3:04, 5 workers 2:35-2:58 (CPU-bound: 1.9 cores busy),
-# and 3:19-3:44 with a CPU hog beside it.
+# and 3:13-3:44 with a CPU hog beside it.
 test: setup
 	$(PY) -m pytest -n 5 --dist loadgroup $(ARGS)
 
