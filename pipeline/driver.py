@@ -156,6 +156,8 @@ def _execute(stage_name: str, job: Job) -> Next | None:
         log.info("%s: %s at %s", job.label(), stopped.code, stage_name)
         return None
     except RateWait as wait:
+        if wait.turn:  # queued: the turns are spread already, and a late return wastes the slot
+            return Next(stage_name, job.model_copy(update={"rate_turn": wait.turn}), wait.delay)
         # Spread the re-tries: waking every refused task at the same instant only refuses them again.
         return Next(stage_name, job, wait.delay + random.uniform(0.0, 0.5))
     except DocpipeError as exc:

@@ -134,10 +134,12 @@ OUTAGE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "Re
 class RateWait(Exception):
     """Raised by the limiter when a token is further away than a worker should sleep.
 
-    The task catches it and re-schedules itself ``delay`` seconds later.
+    The task catches it and re-schedules itself ``delay`` seconds later; a caller that queues for
+    its send time keeps ``turn``, its place in the queue, for its next try.
     """
 
-    def __init__(self, key: str, delay: float) -> None:
+    def __init__(self, key: str, delay: float, *, turn: float | None = None) -> None:
         super().__init__(f"rate limit {key}: next token in {delay:.2f}s")
         self.key = key
         self.delay = delay
+        self.turn = turn

@@ -36,10 +36,15 @@ LATE_ENOUGH_TO_RECORD = 0.010  # seconds: later than this (the lateness a grant 
 # KEYS[1] = log of scheduled send times (newest first, Redis times in µs); ARGV[1] = requests per
 # window, ARGV[2] = window (µs), ARGV[3] = least spacing between two sends (µs), ARGV[4] = the
 # caller's lead (µs): how long after this script runs its request can leave at the earliest,
-# ARGV[5] = how much later than that the caller is ready to wait for its send time (µs).
-# The next free send time goes to the first who asks (first come, first served, whatever each
-# caller's lead). Returns {wait, now, at}: wait is 0 when a send time was granted (at, by Redis'
-# clock), else the µs to wait before asking again; now is Redis' clock (µs) when the script ran.
+# ARGV[5] = how much later than that the caller is ready to wait for its send time (µs),
+# ARGV[6] = the caller's place in the queue of refused callers (µs): -1 when it does not queue,
+# 0 when it queues and has no turn yet, else the turn it was given; KEYS[2] = the queue's last
+# turn handed out (µs). Without a queue the next free send time goes to the first who asks (first
+# come, first served, whatever each caller's lead). A queueing caller refused is given a turn, one
+# interval after the last one; it is served when its turn comes within half an interval of the
+# next free send time, and a newcomer is served only when the queue has been served by then. Returns
+# {wait, now, at, turn}: wait is 0 when a send time was granted (at, by Redis' clock), else the µs
+# to wait before asking again; now is Redis' clock (µs) when the script ran; turn the caller's.
 _SLIDING_LOG_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -55,8 +60,22 @@ local oldest = redis.call('LINDEX', KEYS[1], limit - 1)
 if oldest then
   at = math.max(at, tonumber(oldest) + window)
 end
+local turn = tonumber(ARGV[6])
+if turn >= 0 then
+  local interval = math.floor(window / limit)
+  if turn == 0 then
+    local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if last + interval > at or at > now + lead + tonumber(ARGV[5]) then
+      turn = math.max(at, last + interval)
+      redis.call('SET', KEYS[2], string.format('%.0f', turn), 'PX', math.ceil((turn - now + window) / 1000) + 1000)
+      return {turn - now - lead, now, 0, turn}
+    end
+  elseif turn > at + interval / 2 then
+    return {turn - now - lead, now, 0, turn}
+  end
+end
 if at > now + lead + tonumber(ARGV[5]) then
-  return {at - now - lead, now, 0}
+  return {at - now - lead, now, 0, math.max(turn, 0)}
 end
 redis.call('LPUSH', KEYS[1], string.format('%.0f', at))
 redis.call('LTRIM', KEYS[1], 0, limit - 1)
@@ -65,7 +84,7 @@ redis.call('LTRIM', KEYS[1], 0, limit - 1)
 -- *now*: a send time granted 2 s ahead outlived its log, the next caller found it empty, and
 -- three requests went out within a second.)
 redis.call('PEXPIRE', KEYS[1], math.ceil((at - now + window) / 1000) + 1000)
-return {0, now, at}
+return {0, now, at, 0}
 """
 
 
@@ -201,24 +220,36 @@ class RateLimiter:
         self._clock = _RedisClock()
         self.late_sends = 0  # send times given up because they reached us too late (a metric, not an error)
 
-    def _ask(self, key: str, rate: Rate, lead: float, horizon: float) -> tuple[float, float, float]:
+    def _ask(self, key: str, rate: Rate, lead: float, horizon: float, turn: float | None = None) -> tuple[float, float, float, float]:
+        """One try: (seconds to wait, Redis time, send time or 0, the caller's turn or 0)."""
         window_us = max(1, int(rate.per / self._safety * 1_000_000))
         spacing_us = int(rate.interval() * self._spacing * 1_000_000)
         asked = time.time()
-        wait_us, now_us, at_us = self._script(
-            keys=[f"{self._prefix}:{key}"],
-            args=[rate.count, window_us, spacing_us, int(lead * 1_000_000), int(max(0.0, horizon) * 1_000_000)],
+        wait_us, now_us, at_us, turn_us = self._script(
+            keys=[f"{self._prefix}:{key}", f"{self._prefix}:{key}:turns"],
+            args=[
+                rate.count, window_us, spacing_us, int(lead * 1_000_000), int(max(0.0, horizon) * 1_000_000),
+                -1 if turn is None else round(turn * 1_000_000),
+            ],
         )
         self._clock.observe(asked, time.time(), int(now_us) / 1_000_000)
-        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000, int(at_us) / 1_000_000
+        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000, int(at_us) / 1_000_000, int(turn_us) / 1_000_000
 
-    def try_acquire(self, key: str, rate: Rate, lead: float = 0.0) -> tuple[float, float]:
-        """Take a send time ``lead`` from now if one is free: (0, send time), else (seconds to wait, Redis time)."""
-        wait, now, at = self._ask(key, rate, lead, 0.0)
+    def try_acquire(self, key: str, rate: Rate, lead: float = 0.0, *, turn: float | None = None) -> tuple[float, float]:
+        """Take a send time ``lead`` from now if one is free: (0, send time), else (seconds to wait, Redis time).
+        ``turn`` queues the caller as ``acquire`` does (0.0: no turn yet)."""
+        wait, now, at, _ = self._ask(key, rate, lead, 0.0, turn)
         return (0.0, at) if at else (wait, now)
 
     def acquire(
-        self, key: str, rate: Rate, *, max_wait: float, alone: bool = False, before_send: Callable[[], None] | None = None
+        self,
+        key: str,
+        rate: Rate,
+        *,
+        max_wait: float,
+        alone: bool = False,
+        before_send: Callable[[], None] | None = None,
+        turn: float | None = None,
     ) -> float:
         """Block until this process' request may leave, sleeping at most ``max_wait`` in all; return its
         send time (Redis clock).
@@ -232,9 +263,16 @@ class RateLimiter:
         ``before_send`` runs once a send time is granted and before sleeping until it (a submit
         records that it is about to leave): what it costs is asked for ahead, so the request
         still leaves on time. Whatever it raises, the grant is given up unused.
+
+        ``turn`` (not None) makes the caller queue: refused, it is given a turn in the queue of
+        refused callers (``RateWait.turn``), and comes back with it (0.0 before it has one).
+        Submits queue: a backlog of documents racing for each send time held a worker thread
+        about a second per try, nine tries per document at baidu's 2/s, and the threads it
+        held were the ones due polls waited for. Queued, a document tries twice: once to join,
+        once when its turn comes.
         """
         if not alone:
-            return self._acquire(key, rate, max_wait, before_send)
+            return self._acquire(key, rate, max_wait, before_send, turn)
         gate = self._gates.setdefault(key, threading.Lock())
         if not gate.acquire(blocking=False):
             return self._acquire(key, rate, 0.0, before_send)
@@ -243,7 +281,9 @@ class RateLimiter:
         finally:
             gate.release()
 
-    def _acquire(self, key: str, rate: Rate, max_wait: float, before_send: Callable[[], None] | None = None) -> float:
+    def _acquire(
+        self, key: str, rate: Rate, max_wait: float, before_send: Callable[[], None] | None = None, turn: float | None = None
+    ) -> float:
         started = time.monotonic()
         deadline = started + max_wait
         self._clock.calibrate(self._redis)
@@ -254,7 +294,9 @@ class RateLimiter:
         while True:
             lead = self._clock.lead() + (prep.p90() + 0.002 if prep is not None and before_send is not None else 0.0)
             reach = min(deadline - time.monotonic(), self.reach(rate))
-            wait, _, at = self._ask(key, rate, lead, reach)
+            wait, _, at, given = self._ask(key, rate, lead, reach, turn)
+            if turn is not None and not at:
+                turn = given
             if at:
                 if before_send is not None and prep is not None:
                     early = self._clock.local(at) - time.time() - prep.p90() - 0.002
@@ -286,7 +328,7 @@ class RateLimiter:
                 # back takes it and sleeps until it, so it is used on time. Told to come back when
                 # it was due, every caller came back after it (a re-schedule takes a broker round
                 # trip and some spread), and the slot went by unused.
-                raise RateWait(key, max(MIN_RETRY, wait - min(max_wait, self.reach(rate))))
+                raise RateWait(key, max(MIN_RETRY, wait - min(max_wait, self.reach(rate))), turn=turn)
             time.sleep(max(MIN_RETRY, wait - reach))
 
     @staticmethod

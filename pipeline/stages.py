@@ -177,7 +177,7 @@ def submit(job: Job) -> Job:
         raise
     if attempt.task_id is None:  # a provider module that returned without reporting the acceptance
         attempt.accepted(task_id)
-    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": attempt.accepted_at, "polls": 0})
+    return job.model_copy(update={"provider_task_id": task_id, "submitted_at": attempt.accepted_at, "polls": 0, "rate_turn": None})
 
 
 def _reason(exc: BaseException) -> str:

@@ -40,6 +40,7 @@ class Submission:
         self.accepted_at: float | None = None
         self.sent = False  # the request may have reached the provider
         self.answered = False  # an HTTP answer came back, whatever it said
+        self.turn = job.rate_turn or 0.0  # its place in the queue for a send time (0.0: none yet)
 
     def take_slot(self) -> None:
         """Hold one of the account's in-flight slots (where the provider has a limit), right before sending."""

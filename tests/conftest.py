@@ -122,6 +122,7 @@ class RecordedSubmission:
         self.accepted_ids: list[str] = []
         self.sent = False
         self.answered = False
+        self.turn = 0.0
 
     def take_slot(self) -> None:
         pass

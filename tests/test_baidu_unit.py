@@ -118,7 +118,7 @@ def test_transport_failures_become_transient_without_the_url_or_token():
         def __init__(self):
             pass
 
-        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None):
+        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None, turn=None):
             if before_send is not None:
                 before_send()
             return time.time()
@@ -255,7 +255,7 @@ def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_se
             self.grants, self.lateness, self._safety = 0, [0.5, 0.0], 0.97  # the first grant is met 500 ms late
             self.given_back = []
 
-        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None):
+        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None, turn=None):
             self.grants += 1
             return float(self.grants)
 

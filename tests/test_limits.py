@@ -158,6 +158,36 @@ def test_refused_callers_take_nothing(stack):
     assert limiter.try_acquire(key, rate)[0] == 0  # 50 refusals did not push the schedule back
 
 
+def test_queued_callers_are_given_turns_one_interval_apart_and_served_in_turn(stack):
+    """Submits queue for their send time: a refused one is given a turn and comes back with it,
+    instead of racing every other refused submit for each slot (a backlog of documents at baidu's
+    2/s held a worker thread a second per try, nine tries each)."""
+    limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]))
+    key, rate = f"test:turns:{time.time()}", Rate(2, per=20.0)  # a send time every 10 s: none comes due meanwhile
+    first = limiter.acquire(key, rate, max_wait=0.0, turn=0.0)  # an empty queue: served as before
+    turns = []
+    for _ in range(3):
+        with pytest.raises(RateWait) as refused:
+            limiter.acquire(key, rate, max_wait=0.0, turn=0.0)
+        turns.append(refused.value.turn)
+    assert turns[0] >= first + 5.0 - 1e-3  # the first one queued has the next send time...
+    assert [round(b - a, 3) for a, b in zip(turns, turns[1:])] == [10.0, 10.0]  # ...each later one an interval after
+    # A newcomer does not take the send time the queue waits for: it joins the queue's end.
+    with pytest.raises(RateWait) as newcomer:
+        limiter.acquire(key, rate, max_wait=0.0, turn=0.0)
+    assert round(newcomer.value.turn - turns[-1], 3) == 10.0
+    # A caller back before its turn is told to wait for it...
+    with pytest.raises(RateWait) as early:
+        limiter.acquire(key, rate, max_wait=0.0, turn=turns[1])
+    assert early.value.turn == turns[1] and early.value.delay > 9.0
+    # ...and the first in line is granted the send time it was promised (asked with the horizon
+    # to reach it, so the test need not sleep until then).
+    wait, _, granted, _ = limiter._ask(key, rate, 0.0, 30.0, turns[0])
+    assert wait == 0 and abs(granted - turns[0]) < 1e-3
+    # A caller that does not queue (a poll, a login) is untouched: first come, first served.
+    assert limiter.try_acquire(key, rate)[0] > 0  # the log is full for now, as before
+
+
 def test_poll_policy_backs_off_with_jitter_and_caps():
     policy = PollPolicy(first_delay=30, base_delay=2, multiplier=2, max_delay=60, deadline=3600)
     assert policy.next_delay(0) == 30

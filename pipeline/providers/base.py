@@ -101,7 +101,13 @@ class Provider(ABC):
         raise CallbackRejected(404, f"{self.name} does not call back")
 
     def take_token(
-        self, endpoint: str, max_wait: float | None = None, *, alone: bool = False, before_send: Callable[[], None] | None = None
+        self,
+        endpoint: str,
+        max_wait: float | None = None,
+        *,
+        alone: bool = False,
+        before_send: Callable[[], None] | None = None,
+        turn: float | None = None,
     ) -> tuple[str, Rate, float] | None:
         """Every request to a limited endpoint goes through here first, retries included; the
         grant (limiter key, rate, send time) is returned for ``RateLimiter.left_at``.
@@ -111,6 +117,7 @@ class Provider(ABC):
         instead of holding the thread. Polls pass a short wait and ``alone``: one thread per
         process waits for a poll token, so a freed slot is taken at once, and the others
         re-schedule, since a thread waiting for a poll token is a thread not submitting.
+        Submits pass their ``turn`` and queue (``RateLimiter.acquire``).
         """
         if not self.settings.global_limits or endpoint not in self.limits:
             if before_send is not None:
@@ -120,7 +127,8 @@ class Provider(ABC):
         if self.settings.rate_scale != 1.0:
             rate = scaled(rate, self.settings.rate_scale)
         at = self.rt.limiter.acquire(
-            key, rate, max_wait=self.settings.max_inline_wait if max_wait is None else max_wait, alone=alone, before_send=before_send
+            key, rate, max_wait=self.settings.max_inline_wait if max_wait is None else max_wait, alone=alone, before_send=before_send,
+            turn=turn,
         )
         return key, rate, at
 
@@ -159,9 +167,10 @@ class Provider(ABC):
         # Redis round trip after the send time would make the request leave late, and a late
         # request can share a provider's window with one sent a window after it.
         before_send = submission.sending if submission is not None else None
+        turn = submission.turn if submission is not None else None  # submits queue for their send time
         while True:
             try:
-                grant = self.take_token(endpoint, max_wait, alone=alone, before_send=before_send)
+                grant = self.take_token(endpoint, max_wait, alone=alone, before_send=before_send, turn=turn)
             except BaseException:
                 if submission is not None:
                     submission.not_sent()  # refused a send time (or the marker): the request never left
