@@ -58,6 +58,7 @@ class Job(BaseModel):
     last_polled_at: float | None = None  # when a poll last found the task not done (bounds its processing time)
     poll_asked_for: float | None = None  # when the next poll was scheduled to run (how late polls run is learnt from it)
     rate_turn: float | None = None  # its place in the queue for a submit's send time, once refused one (``RateLimiter.acquire``)
+    answer_kept: bool = False  # the poll's answer waits as the archive's raw.json: fetch reads it there, not from the provider
     parked: bool = False  # the poll that found it done carried the result, and it is in the work area already
     attempts: int = 0  # transient failures of the current stage so far
 

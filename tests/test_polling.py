@@ -112,3 +112,47 @@ def test_a_document_is_looked_at_again_by_its_providers_overdue_time_whatever_th
 
     assert delay is not None and 0.0 <= delay <= longest_wait
     assert delay > longest_wait - 1.0 - stages.LATENESS.typical()
+
+
+def test_an_answer_whose_artifacts_wait_for_a_rate_token_is_kept_and_not_polled_for_again(monkeypatch):
+    """The poll that sees a task done carries its result; an artifact behind its own limit (idp's
+    highlight export, 2/s) may make the step wait. The answer is kept (as the archive's raw.json)
+    and fetch reads it there: re-running the poll to get it back spent a result call per try."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from pipeline import stages, storage
+    from pipeline.errors import RateWait
+    from pipeline.models import Job
+    from pipeline.providers.base import PollOutcome
+
+    answer = {"item": {"status": 5, "content": "text"}}
+    seen: dict[str, list] = {"polls": [], "fetches": []}
+
+    def fetch(job, answer=None):
+        seen["fetches"].append(answer)
+        if len(seen["fetches"]) == 1:
+            raise RateWait("idp:test:highlight", 3.0)
+        return SimpleNamespace(raw=answer)
+
+    provider = SimpleNamespace(
+        poll=lambda job: seen["polls"].append(job) or PollOutcome(done=True, status="5", answer=answer), fetch=fetch, first_poll_delay=1.0
+    )
+    written: dict[str, bytes] = {}
+    monkeypatch.setattr(stages, "get_provider", lambda name: provider)
+    monkeypatch.setattr(stages, "learned_schedule", lambda job: None)
+    monkeypatch.setattr(stages, "_learn", lambda *args: None)
+    monkeypatch.setattr(stages, "_park", lambda job, fetched: job)
+    monkeypatch.setattr(storage, "put_bytes", lambda key, data, content_type, **kw: written.__setitem__(key, data))
+    monkeypatch.setattr(storage, "get_json", lambda key: json.loads(written[key]))
+    job = Job(job_id="b" * 32, provider="idp", source="s3://b/k.pdf", location="s3://b/k.pdf",
+              provider_task_id="7", submitted_at=time.time() - 30.0, polls=1)
+
+    job, delay = stages.await_result(job)
+
+    assert delay is None and job.answer_kept and not job.parked  # on to fetch, the answer kept
+    assert json.loads(written[storage.archive_prefix("idp", job.job_id) + "raw.json"]) == answer
+    stages.fetch(job)
+    assert seen["fetches"] == [answer, answer]  # fetch had the answer without asking the provider
+    assert len(seen["polls"]) == 1
