@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "B2 concurrency",
         "limit": args.limit,
         "processing_seconds": args.processing or "emulator default (uniform 2..8)",
-        "target_met": ours["max_in_flight"] == args.limit and ours["share_at_limit_while_waiting"] >= 0.9,
+        # Issue 14's target: at the limit 0.95 of the time from the first submit (the ramp included), never over it.
+        "target_met": ours["max_in_flight"] == args.limit and ours["share_from_first_submit"] >= 0.95,
         "speedup_vs_batches": round(rows[1]["seconds"] / ours["seconds"], 2) if ours["seconds"] else None,
         "runs": rows,
     }
