@@ -235,10 +235,9 @@ class RateLimiter:
         self._clock.observe(asked, time.time(), int(now_us) / 1_000_000)
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000, int(at_us) / 1_000_000, int(turn_us) / 1_000_000
 
-    def try_acquire(self, key: str, rate: Rate, lead: float = 0.0, *, turn: float | None = None) -> tuple[float, float]:
-        """Take a send time ``lead`` from now if one is free: (0, send time), else (seconds to wait, Redis time).
-        ``turn`` queues the caller as ``acquire`` does (0.0: no turn yet)."""
-        wait, now, at, _ = self._ask(key, rate, lead, 0.0, turn)
+    def try_acquire(self, key: str, rate: Rate, lead: float = 0.0) -> tuple[float, float]:
+        """Take a send time ``lead`` from now if one is free: (0, send time), else (seconds to wait, Redis time)."""
+        wait, now, at, _ = self._ask(key, rate, lead, 0.0)
         return (0.0, at) if at else (wait, now)
 
     def acquire(
