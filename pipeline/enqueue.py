@@ -59,19 +59,32 @@ class JobHandle:
         checks = 0
         while True:
             state = self.state()
-            # The Redis record is the cheap signal; the archive is the truth (and survives a Redis restart).
-            if state in ("done", "failed") or checks % 20 == 0:
+            # The Redis record is the cheap signal; the archive is the truth (and survives a Redis
+            # restart). A record that says how it ended names the file to read: no listing first.
+            named = {"done": "result.json", "failed": "error.json"}.get(state or "")
+            final = self._read_final(named) if named else None
+            if final is None and (named or (state is None and checks == 0) or checks % 20 == 19):
                 final = storage.finished(self.provider, self.job_id)
-                if final == "result.json":
-                    return NormalizedResult.model_validate(storage.get_json(storage.archive_prefix(self.provider, self.job_id) + final))
-                if final == "error.json":
-                    raise DocumentFailedError(
-                        JobError.model_validate(storage.get_json(storage.archive_prefix(self.provider, self.job_id) + final))
-                    )
+                final = self._read_final(final) if final else None
+            if isinstance(final, NormalizedResult):
+                return final
+            if isinstance(final, JobError):
+                raise DocumentFailedError(final)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.provider}/{self.job_id} ({self.source}) not finished after {timeout:.0f}s (state {state})")
             checks += 1
             time.sleep(interval)
+
+
+    def _read_final(self, name: str) -> NormalizedResult | JobError | None:
+        """The archive's final file ``name`` (``result.json`` or ``error.json``); None when it is not there."""
+        try:
+            body = storage.get_json(storage.archive_prefix(self.provider, self.job_id) + name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return NormalizedResult.model_validate(body) if name == "result.json" else JobError.model_validate(body)
 
 
 def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = None) -> tuple[Job, Path | None]:
