@@ -45,8 +45,20 @@ def priority(step: str, *, redriven: bool = False) -> int:
 
 
 def work_key(job: Job) -> str:
-    """Where ``fetch`` leaves the normalized result that ``archive`` commits (in the staging bucket)."""
+    """Where ``fetch`` leaves a large normalized result for ``archive`` to commit (in the staging bucket)."""
     return f"_work/{job.provider}/{job.job_id}/result.json"
+
+
+# A normalized result up to this size waits for ``archive`` in Redis, not in the work area: it
+# waits there seconds, and the work area cost three S3 requests (PUT, GET, DELETE) of the
+# thirteen each document took (bench.overhead), where S3 was the bound. Larger ones, rare
+# (whole pages of text), go to S3 as before, so Redis never holds much of them.
+PARK_IN_REDIS_MAX = 64 * 1024
+PARKED_TTL = 24 * 3600  # a backstop: archive deletes it
+
+
+def parked_key(job: Job) -> str:
+    return f"docpipe:parked:{job.job_id}"
 
 
 # --- stage ---------------------------------------------------------------------------------
@@ -97,7 +109,7 @@ def stage(job: Job) -> Job:
         width=width,
         height=height,
     )
-    get_provider(job.provider).check(document, job)
+    get_provider(job.provider).check(document, job, head if size <= len(head) else None)
     # Where the bytes are, for the receiver's document links (they never name the bucket).
     jobs.record(
         get_runtime().redis,
@@ -355,8 +367,13 @@ def _park(job: Job, fetched: Fetched) -> Job:
         else:
             storage.put_bytes(prefix + name, artifact, content_type)
     _put_raw(job, fetched.raw)
-    storage.s3_client().put_object(Bucket=get_settings().staging_bucket, Key=work_key(job), Body=result.model_dump_json(indent=2).encode())
-    jobs.record(get_runtime().redis, job.job_id, state="fetched", stage="fetch")
+    body = result.model_dump_json(indent=2).encode()
+    rt = get_runtime()
+    if len(body) <= PARK_IN_REDIS_MAX:
+        rt.redis.set(parked_key(job), body, ex=PARKED_TTL)
+    else:
+        storage.s3_client().put_object(Bucket=get_settings().staging_bucket, Key=work_key(job), Body=body)
+    jobs.record(rt.redis, job.job_id, state="fetched", stage="fetch")
     return job
 
 
@@ -372,29 +389,47 @@ def archive(job: Job) -> Job:
     """Commit the parked result: ``result.json`` is written last and only if absent, so a second
     delivery, or a document that failed meanwhile, never gets a second or a different final file.
 
-    Four S3 requests: which final file exists (one LIST), the parked result (GET), the commit
-    (conditional PUT) and the work area's clean-up (DELETE). Copying a work area of raw payload
-    and artifacts took a LIST and a copy and a delete per file besides."""
+    Two S3 requests for a result parked in Redis: which final file exists (one LIST) and the
+    commit (conditional PUT); a large one parked in the work area adds its GET and DELETE.
+    Copying a work area of raw payload and artifacts took a LIST and a copy and a delete per file
+    besides. A parked result that is nowhere (Redis lost it) is fetched again: the provider's
+    result costs a call, not a second bill."""
     rt = get_runtime()
     settings = get_settings()
     final = storage.finished(job.provider, job.job_id)
+    in_s3 = True  # a committed archive's work area is cleaned up whatever parked it: a cut-off run may have left it
     if final is None:
-        try:
-            body = storage.s3_client().get_object(Bucket=settings.staging_bucket, Key=work_key(job))["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
-                raise
-            raise DocpipeError(f"{job.label()}: nothing fetched to archive", code="work_area_missing") from None
+        body, in_s3 = _parked(job)
+        if body is None:
+            log.warning("%s: the fetched result is gone from Redis and the work area; fetching it again", job.label())
+            fetch(job.model_copy(update={"parked": False}))
+            body, in_s3 = _parked(job)
+        if body is None:
+            raise DocpipeError(f"{job.label()}: nothing fetched to archive", code="work_area_missing")
         if storage.put_bytes(storage.archive_prefix(job.provider, job.job_id) + "result.json", body, "application/json", only_if_absent=True):
             final = "result.json"
         else:
             final = storage.finished(job.provider, job.job_id)
             log.info("%s: archive already committed by another delivery", job.label())
-    # Also when committed by an earlier run of this step that an outage cut off before its clean-up.
-    storage.s3_client().delete_object(Bucket=settings.staging_bucket, Key=work_key(job))
+    rt.redis.delete(parked_key(job))
+    if in_s3:
+        storage.s3_client().delete_object(Bucket=settings.staging_bucket, Key=work_key(job))
     jobs.record(rt.redis, job.job_id, state="done" if final == "result.json" else "failed", stage="archive")
     get_provider(job.provider).finished(job)
     return job
+
+
+def _parked(job: Job) -> tuple[bytes | None, bool]:
+    """The result ``fetch`` parked, and whether it was looked for in the work area (S3)."""
+    body = get_runtime().redis.get(parked_key(job))
+    if body is not None:
+        return body, False
+    try:
+        return storage.s3_client().get_object(Bucket=get_settings().staging_bucket, Key=work_key(job))["Body"].read(), True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+            raise
+        return None, True
 
 
 # --- failure -------------------------------------------------------------------------------

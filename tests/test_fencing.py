@@ -238,3 +238,39 @@ def test_a_document_found_archived_twice_is_counted_skipped_once(ledger):
     assert int(client.hget("docpipe:batch:again", "skipped")) == 1
     counts = {k.decode(): int(v) for k, v in client.hgetall("docpipe:batch:again:counts").items()}
     assert {state: n for state, n in counts.items() if n} == {"done": 1}
+
+
+def test_a_result_parks_in_redis_and_one_redis_lost_is_fetched_again_not_lost(ledger, monkeypatch):
+    """fetch parks a small normalized result in Redis for archive (the S3 work area cost three
+    requests per document); archive commits it and clears it. A parked result Redis lost (a
+    restart without its data) is fetched again from the provider and archived, not lost."""
+    from pipeline import stages, storage
+    from pipeline.models import DocumentInfo, NormalizedResult
+    from pipeline.providers import get_provider
+    from pipeline.providers.base import Fetched
+
+    provider = get_provider("baidu")
+    fetches = []
+
+    def fetch(job, answer=None):
+        fetches.append(job.job_id)
+        document = DocumentInfo(bucket="b", key="k.png", filename="k.png", size=3, format="png")
+        result = NormalizedResult(job_id=job.job_id, provider="baidu", source=job.source, document=document, provider_task_id="t-1")
+        return Fetched(result=result, raw={"task_result": {"status": "Success"}})
+
+    monkeypatch.setattr(provider, "fetch", fetch)
+    client = get_runtime().redis
+    settings = get_runtime().settings
+    for lost in (False, True):
+        job = _job().model_copy(update={"provider": "baidu", "provider_task_id": "t-1"})
+        stages.fetch(job)
+        assert client.exists(stages.parked_key(job))
+        assert storage.head(settings.staging_bucket, stages.work_key(job)) is None  # nothing in the work area
+        if lost:
+            client.delete(stages.parked_key(job))
+        stages.archive(job)
+        assert storage.finished("baidu", job.job_id) == "result.json"
+        assert storage.get_json(storage.archive_prefix("baidu", job.job_id) + "result.json")["job_id"] == job.job_id
+        assert not client.exists(stages.parked_key(job))
+        assert fetches.count(job.job_id) == (2 if lost else 1)
+        assert jobs.read(client, job.job_id)["state"] == "done"
