@@ -42,7 +42,9 @@ LATE_ENOUGH_TO_RECORD = 0.010  # seconds: later than this (the lateness a grant 
 # turn handed out (µs). Without a queue the next free send time goes to the first who asks (first
 # come, first served, whatever each caller's lead). A queueing caller refused is given a turn, one
 # interval after the last one; it is served when its turn comes within half an interval of the
-# next free send time, and a newcomer is served only when the queue has been served by then. Returns
+# next free send time, and a newcomer is served only when the queue has been served by then. A
+# send time already due and still free goes to whoever asks: its turn's holder comes back ahead
+# of it, so it is late or dead (a killed worker's), and the queue must not stall on it. Returns
 # {wait, now, at, turn}: wait is 0 when a send time was granted (at, by Redis' clock), else the µs
 # to wait before asking again; now is Redis' clock (µs) when the script ran; turn the caller's.
 _SLIDING_LOG_LUA = """
@@ -61,7 +63,7 @@ if oldest then
   at = math.max(at, tonumber(oldest) + window)
 end
 local turn = tonumber(ARGV[6])
-if turn >= 0 then
+if turn >= 0 and at > now + lead then
   local interval = math.floor(window / limit)
   if turn == 0 then
     local last = tonumber(redis.call('GET', KEYS[2]) or '0')
