@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         description="adaptive: poll at multiples of each document's predicted processing time, learnt from the times seen "
         "(per provider, by size or pages where they predict it), backoff until enough are seen; backoff: the fixed ladder below.",
     )
-    poll_call_budget: float = Field(1.4, description="Result calls per document the adaptive policy plans for (it then minimises the delay).")
+    poll_call_budget: float = Field(1.45, description="Result calls per document the adaptive policy plans for (it then minimises the delay).")
     poll_learn_after: int = Field(10, description="Processing times seen before the adaptive policy replaces the backoff ladder.")
     poll_first_delay: float | None = Field(None, description="Seconds before the first poll; None uses the provider's own advice.")
     poll_base_delay: float = Field(2.0, description="Seconds between the first polls of a running task.")
