@@ -75,7 +75,6 @@ class JobHandle:
             checks += 1
             time.sleep(interval)
 
-
     def _read_final(self, name: str) -> NormalizedResult | JobError | None:
         """The archive's final file ``name`` (``result.json`` or ``error.json``); None when it is not there."""
         try:
