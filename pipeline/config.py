@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         description="Where the receiver keeps verified callbacks while Redis refuses writes (drained when it accepts).",
     )
     callback_max_bytes: int = Field(16 * 1024 * 1024, description="Largest callback body the receiver reads.")
+    link_outage_wait: float = Field(
+        40.0,
+        description="How long a provider's download of a document link waits out S3 being away before it is refused "
+        "(tuputech fails a task whose download fails; the emulator gives a download 60 s).",
+    )
     callback_replay_window: float = Field(
         900.0, description="A callback signed longer ago (or further ahead) than this is refused as a replay."
     )

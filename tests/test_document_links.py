@@ -86,3 +86,37 @@ def test_the_link_carries_where_the_document_is_and_needs_no_job_record(staged):
     link = links.document_link(staged, lifetime=600)
     get_runtime().redis.delete(jobs.key(staged.job_id))
     assert httpx.get(link).content == CONTENT
+
+
+def test_a_download_waits_out_s3_being_away_instead_of_failing(staged, monkeypatch):
+    """tuputech fails a task whose download fails three times (code 14, "file error"): in
+    bench.chaos' S3 outage, documents downloading then ended as provider_failed for an outage of
+    ours. The link now waits S3 out (``DOCPIPE_LINK_OUTAGE_WAIT``) and then serves the bytes."""
+    import asyncio
+
+    from botocore.exceptions import EndpointConnectionError
+    from starlette.requests import Request
+
+    real = storage.s3_client()
+    refusals = {"left": 2}
+
+    class AwayAtFirst:
+        def get_object(self, **kwargs):
+            if refusals["left"]:
+                refusals["left"] -= 1
+                raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+            return real.get_object(**kwargs)
+
+    monkeypatch.setattr(storage, "s3_client", lambda *args: AwayAtFirst())
+    path = httpx.URL(links.document_link(staged, lifetime=600)).path
+    job_id, expires, signature, name = path.split("/")[-4:]
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b"",
+             "path_params": {"job_id": job_id, "expires": expires, "signature": signature, "name": name}}
+
+    answer = asyncio.run(links.serve_document(Request(scope)))
+
+    async def body() -> bytes:
+        return b"".join([chunk async for chunk in answer.body_iterator])
+
+    assert answer.status_code == 200 and asyncio.run(body()) == CONTENT
+    assert refusals["left"] == 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import ValidationError
 
-from pipeline import callbacks, links
+from pipeline import callbacks, jobs, links
 from pipeline.errors import BadInput, Permanent, ProviderError, RateWait, Transient
 from pipeline.limits import Rate
 from pipeline.models import DocumentInfo, Job, Moderation, NormalizedResult, PageText
@@ -157,7 +157,13 @@ class TuputechProvider(Provider):
         return 3 * longest + self.settings.tuputech_callback_window
 
     def overdue_at(self, job: Job) -> float | None:
-        return (job.submitted_at or time.time()) + self.callback_bound()
+        return self._started(job) + self.callback_bound()
+
+    def _started(self, job: Job) -> float:
+        """When the task could start: its submit, or later when our document link served the
+        download late (S3 away: ``pipeline.links``)."""
+        served = self.rt.redis.hget(jobs.key(job.job_id), "document_served_at")
+        return max(job.submitted_at or time.time(), float(served or 0))
 
     def task_lifetime(self, job: Job) -> float:
         return min(super().task_lifetime(job), self.callback_bound())
@@ -225,7 +231,7 @@ class TuputechProvider(Provider):
     def poll(self, job: Job) -> PollOutcome:
         payload = self._callback(job)
         if payload is None:
-            waited = time.time() - (job.submitted_at or time.time())
+            waited = time.time() - self._started(job)
             bound = self.callback_bound()
             if waited > bound:
                 # The task is long over at the provider: give its slot back, and say why the document ends.
