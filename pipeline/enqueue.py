@@ -77,12 +77,10 @@ class JobHandle:
 
     def _read_final(self, name: str) -> NormalizedResult | JobError | None:
         """The archive's final file ``name`` (``result.json`` or ``error.json``); None when it is not there."""
-        try:
-            body = storage.get_json(storage.archive_prefix(self.provider, self.job_id) + name)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+        raw = storage.read_if_present(storage.get_settings().results_bucket, storage.archive_prefix(self.provider, self.job_id) + name)
+        if raw is None:
+            return None
+        body = json.loads(raw)
         return NormalizedResult.model_validate(body) if name == "result.json" else JobError.model_validate(body)
 
 

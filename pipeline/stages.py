@@ -17,7 +17,6 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from pipeline import jobs, sniff, storage
@@ -424,12 +423,7 @@ def _parked(job: Job) -> tuple[bytes | None, bool]:
     body = get_runtime().redis.get(parked_key(job))
     if body is not None:
         return body, False
-    try:
-        return storage.s3_client().get_object(Bucket=get_settings().staging_bucket, Key=work_key(job))["Body"].read(), True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
-            raise
-        return None, True
+    return storage.read_if_present(get_settings().staging_bucket, work_key(job)), True
 
 
 # --- failure -------------------------------------------------------------------------------

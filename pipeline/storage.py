@@ -98,11 +98,24 @@ def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = N
     s3_client(s).upload_file(str(path), bucket, key, Config=config)
 
 
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
 def head(bucket: str, key: str) -> dict[str, Any] | None:
     try:
         return s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if exc.response.get("Error", {}).get("Code") in NOT_FOUND_CODES:
+            return None
+        raise
+
+
+def read_if_present(bucket: str, key: str) -> bytes | None:
+    """The whole object, or None when there is none: one GET, no HEAD or LIST first."""
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in NOT_FOUND_CODES:
             return None
         raise
 
