@@ -108,7 +108,7 @@ def stage(job: Job) -> Job:
         width=width,
         height=height,
     )
-    get_provider(job.provider).check(document, job, head if size <= len(head) else None)
+    get_provider(job.provider).check(document, job)
     # Where the bytes are, for the receiver's document links (they never name the bucket).
     jobs.record(
         get_runtime().redis,

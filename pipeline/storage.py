@@ -14,6 +14,7 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,10 +142,46 @@ def _get(bucket: str, key: str, etag: str | None, **kwargs: Any) -> dict[str, An
         raise
 
 
+class ReadWhole:
+    """Small objects this process has just read whole, by (bucket, key, ETag), the last few only.
+
+    The stage reads a document's first 64 kB, which for most documents is all of it, and the
+    submit that follows (in the same thread now: ``driver.run_inline``) read it from S3 again
+    to send it: one GET of the eight each document cost (bench.overhead), where S3 was the
+    bound. Kept under its ETag, an entry is exactly the version a pinned read would get (a
+    replaced object has another ETag and misses); bounded in count and size, it holds no
+    more than ``entries`` x ``max_bytes``, and a miss reads S3 as before.
+    """
+
+    def __init__(self, entries: int = 32, max_bytes: int = 64 * 1024) -> None:
+        self.entries, self.max_bytes = entries, max_bytes
+        self._kept: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, bucket: str, key: str, etag: str | None, data: bytes) -> None:
+        if not etag or len(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._kept[(bucket, key, etag)] = data
+            self._kept.move_to_end((bucket, key, etag))
+            while len(self._kept) > self.entries:
+                self._kept.popitem(last=False)
+
+    def get(self, bucket: str, key: str, etag: str | None) -> bytes | None:
+        if not etag:
+            return None
+        with self._lock:
+            return self._kept.get((bucket, key, etag))
+
+
+READ_WHOLE = ReadWhole()
+
+
 def read_head(bucket: str, key: str, length: int, etag: str | None = None) -> tuple[bytes, dict[str, Any]] | None:
     """The first ``length`` bytes and the object's metadata (``size``, ``etag``) in one request; None if absent.
 
     With ``etag``, only that version is read: ``SourceChanged`` when the object was replaced.
+    An object read whole is kept in ``READ_WHOLE`` for ``iter_object``.
     """
     try:
         response = _get(bucket, key, etag, Range=f"bytes=0-{length - 1}")
@@ -158,7 +195,10 @@ def read_head(bucket: str, key: str, length: int, etag: str | None = None) -> tu
     data = response["Body"].read()
     total = str(response.get("ContentRange", "")).rpartition("/")[2]
     size = int(total) if total.isdigit() else int(response.get("ContentLength", len(data)))
-    return data, {"size": size, "etag": str(response.get("ETag", "")).strip('"') or None}
+    meta = {"size": size, "etag": str(response.get("ETag", "")).strip('"') or None}
+    if size == len(data):
+        READ_WHOLE.keep(bucket, key, meta["etag"], data)
+    return data, meta
 
 
 def read_range(bucket: str, key: str, start: int, end: int, etag: str | None = None) -> bytes:
@@ -168,6 +208,11 @@ def read_range(bucket: str, key: str, start: int, end: int, etag: str | None = N
 
 
 def iter_object(bucket: str, key: str, chunk_size: int = CHUNK, etag: str | None = None) -> Iterator[bytes]:
+    """The object in chunks, streamed from S3; from memory when this version was just read whole."""
+    kept = READ_WHOLE.get(bucket, key, etag)
+    if kept is not None:
+        yield from (kept[at : at + chunk_size] for at in range(0, len(kept), chunk_size))
+        return
     body = _get(bucket, key, etag)["Body"]
     try:
         yield from body.iter_chunks(chunk_size)

@@ -293,7 +293,11 @@ def test_a_document_the_stage_read_whole_is_measured_for_the_size_limit_without_
     def no_second_read(*args, **kwargs):
         raise AssertionError("read from S3 again")
 
-    monkeypatch.setattr(storage, "iter_object", no_second_read)
-    document = DocumentInfo(bucket="b", key="scan.png", filename="scan.png", size=len(content), format="png", width=800, height=600)
-    _provider(lambda request: httpx.Response(500)).check(document, _job(), content)
+    monkeypatch.setattr(storage, "_get", no_second_read)
+    storage.READ_WHOLE.keep("b", "scan.png", "etag-1", content)  # what the stage's read_head leaves
+    document = DocumentInfo(bucket="b", key="scan.png", filename="scan.png", size=len(content), format="png", width=800, height=600, etag="etag-1")
+    _provider(lambda request: httpx.Response(500)).check(document, _job())
     assert document.encoded_size == len(quote_plus(base64.b64encode(content).decode()))
+    replaced = document.model_copy(update={"etag": "etag-2"})  # another version of the key is read from S3
+    with pytest.raises(AssertionError, match="read from S3 again"):
+        _provider(lambda request: httpx.Response(500)).check(replaced, _job())

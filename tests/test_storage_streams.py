@@ -91,3 +91,28 @@ def test_a_request_body_that_fails_to_read_says_so_with_s3_s_error_as_its_cause(
     with pytest.raises(storage.SourceUnreadable) as caught:
         next(body)
     assert isinstance(caught.value.__cause__, ConnectionError)
+
+
+def test_a_small_object_read_whole_is_served_again_from_memory_for_its_version_only(stack):
+    """The stage reads a small document whole; the submit after it streams the same version from
+    memory. Deleted from S3 in between, only its kept bytes can answer; another version misses."""
+    bucket, key = get_settings().staging_bucket, "test-streams/small-read-whole.pdf"
+    client = storage.s3_client()
+    data = os.urandom(5000)
+    client.put_object(Bucket=bucket, Key=key, Body=data)
+    head, meta = storage.read_head(bucket, key, 64 * 1024)
+    assert head == data and meta["size"] == len(data)
+    client.delete_object(Bucket=bucket, Key=key)
+    assert b"".join(storage.iter_object(bucket, key, chunk_size=1024, etag=meta["etag"])) == data
+    with pytest.raises(Exception) as missed:  # not that version (nor any: it was deleted): S3 is asked, and says so
+        list(storage.iter_object(bucket, key, etag="0" * 32))
+    assert "NoSuchKey" in str(missed.value) or "PreconditionFailed" in str(missed.value) or "Changed" in type(missed.value).__name__
+
+
+def test_only_small_objects_are_kept_and_only_the_last_few():
+    kept = storage.ReadWhole(entries=2, max_bytes=10)
+    kept.keep("b", "big", "e", b"x" * 11)
+    for name in ("one", "two", "three"):
+        kept.keep("b", name, "e", name.encode())
+    assert kept.get("b", "big", "e") is None and kept.get("b", "one", "e") is None
+    assert (kept.get("b", "two", "e"), kept.get("b", "three", "e"), kept.get("b", "three", None)) == (b"two", b"three", None)

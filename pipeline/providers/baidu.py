@@ -317,7 +317,7 @@ class BaiduProvider(Provider):
 
     # -- the verbs --------------------------------------------------------------------------
 
-    def check(self, document: DocumentInfo, job: Job, content: bytes | None = None) -> None:
+    def check(self, document: DocumentInfo, job: Job) -> None:
         if document.format not in SUPPORTED_FORMATS:
             raise BadInput(
                 f"{job.label()}: format {document.format!r} is not accepted by baidu (jpg, png, bmp, pdf, ofd)",
@@ -335,8 +335,8 @@ class BaiduProvider(Provider):
         if document.size * 4 / 3 > MAX_ENCODED_BYTES:
             encoded = None
         else:
-            chunks = [content] if content is not None else storage.iter_object(document.bucket, document.key, etag=document.etag)
-            encoded = sniff.urlencoded_base64_size(chunks)
+            # A document the stage read whole is measured from memory (storage.READ_WHOLE), not read again.
+            encoded = sniff.urlencoded_base64_size(storage.iter_object(document.bucket, document.key, etag=document.etag))
         document.encoded_size = encoded  # the streamed submit's Content-Length: not measured twice
         if encoded is None or encoded > MAX_ENCODED_BYTES:
             shown = f"{encoded} bytes" if encoded else f"about {int(document.size * 4 / 3)} bytes"

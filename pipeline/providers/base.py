@@ -232,11 +232,11 @@ class Provider(ABC):
     # -- the verbs -------------------------------------------------------------------------
 
     @abstractmethod
-    def check(self, document: DocumentInfo, job: Job, content: bytes | None = None) -> None:
+    def check(self, document: DocumentInfo, job: Job) -> None:
         """Raise ``BadInput`` when the document breaks one of the provider's documented limits.
 
-        ``content`` is the whole document when the stage has read it all already (a small one):
-        a limit measured on the bytes is then measured without reading them again."""
+        A limit measured on the bytes reads them with ``storage.iter_object``, which serves a
+        document the stage has just read whole (a small one) from memory."""
 
     @abstractmethod
     def submit(self, job: Job, submission: Submission) -> str:

@@ -275,7 +275,7 @@ class IdpProvider(Provider):
 
     # -- the verbs --------------------------------------------------------------------------
 
-    def check(self, document: DocumentInfo, job: Job, content: bytes | None = None) -> None:
+    def check(self, document: DocumentInfo, job: Job) -> None:
         if document.format not in SUPPORTED_FORMATS:
             raise BadInput(
                 f"{job.label()}: format {document.format!r} is not accepted by idp (pdf, png, jpeg, bmp, tiff)",

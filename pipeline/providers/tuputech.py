@@ -178,7 +178,7 @@ class TuputechProvider(Provider):
 
     # -- the verbs ----------------------------------------------------------------------------
 
-    def check(self, document: DocumentInfo, job: Job, content: bytes | None = None) -> None:
+    def check(self, document: DocumentInfo, job: Job) -> None:
         if document.format not in SUPPORTED_FORMATS:
             raise BadInput(
                 f"{job.label()}: format {document.format!r} is not a document tuputech moderates "
