@@ -72,12 +72,13 @@ class Row:
     extra_provider_tasks: int = 0
     limit_violations: int = 0
     recovery_s: float | None = None
+    faults_played: int = 0  # a fault that found nothing to hit (no job at that stage) is not played
     seconds: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)  # reason code -> documents
     notes: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        keys = ("name", "documents", "archived", "failed", "lost", "archived_twice", "extra_provider_tasks", "limit_violations", "recovery_s")
+        keys = ("name", "documents", "archived", "failed", "lost", "archived_twice", "extra_provider_tasks", "limit_violations", "recovery_s", "faults_played")
         return {k: getattr(self, k) for k in keys} | {"seconds": self.seconds, "failures": self.failures, "notes": self.notes}
 
 
@@ -184,11 +185,11 @@ class Chaos:
     def _states(self, handles: list[JobHandle]) -> dict[str, dict[str, str]]:
         pipe = self.redis.pipeline(transaction=False)
         for h in handles:
-            pipe.hmget(jobs.key(h.job_id), "state", "updated_at", "step", "holder")
+            pipe.hmget(jobs.key(h.job_id), "state", "updated_at", "step", "holder", "running")
         out = {}
         for h, values in zip(handles, pipe.execute()):
-            state, updated, step, holder = (v.decode() if v else "" for v in values)
-            out[h.job_id] = {"state": state, "updated_at": updated, "step": step, "holder": holder}
+            state, updated, step, holder, running = (v.decode() if v else "" for v in values)
+            out[h.job_id] = {"state": state, "updated_at": updated, "step": step, "holder": holder, "running": running}
         return out
 
     def wait_ended(self, handles: list[JobHandle], timeout: float) -> dict[str, dict[str, str]]:
@@ -280,7 +281,8 @@ def _holder_at(chaos: Chaos, handles: list[JobHandle], stage: str, timeout: floa
     while time.monotonic() < deadline:
         for s in chaos.states(handles).values():
             holder = s["holder"]
-            if s["step"] == stage and holder and int(holder.rsplit(":", 1)[1]) in alive and s["state"] not in jobs.FINAL_STATES:
+            # The stage a held job runs: its message's step, or a later one run inline (``running``).
+            if holder and (s["running"] or s["step"]) == stage and int(holder.rsplit(":", 1)[1]) in alive and s["state"] not in jobs.FINAL_STATES:
                 return holder, int(holder.rsplit(":", 1)[1])
         if stage == "await":  # polls wait in a worker's memory for their countdown: its held set names them
             steps = {job: s["step"] for job, s in chaos.states(handles).items()}
@@ -429,6 +431,7 @@ def run(chaos: Chaos, name: str, fault: Fault, docs: int, length: float, timeout
     row.seconds = round(time.time() - started, 1)
     chaos.measure(row, handles, states)
     recoveries = []
+    row.faults_played = len(outcome.get("result", []))
     for at, affected in outcome.get("result", []):
         if not affected:
             continue

@@ -209,7 +209,8 @@ if holder and holder ~= '' and redis.call('EXISTS', ARGV[6] .. holder) == 1 then
   end
   return 'busy'
 end
-redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'claim', ARGV[7], 'claimed_at', ARGV[3], 'updated_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'holder', ARGV[2], 'claim', ARGV[7], 'claimed_at', ARGV[3], 'updated_at', ARGV[3],
+  'running', redis.call('HGET', KEYS[1], 'step') or '')
 redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[5] .. ' ' .. ARGV[1])
 return 'ok'
@@ -415,6 +416,13 @@ class JobLedger:
         """Hand the job to ``next_msg`` (to be published next); False when ``msg`` no longer owns it."""
         args = [msg, next_msg, step, json.dumps(payload), due, self.grace, job_id, time.time(), RECORD_TTL]
         return bool(self._advance(keys=[key(job_id), ACTIVE, held_key(holder)], args=args))
+
+    def running(self, job_id: str, stage: str) -> None:
+        """Say which stage the claimed step runs now: a claim names its message's step, and a step
+        that runs the next stages inline (``driver.run_inline``) names each as it starts. Only
+        for the eyes (an operator reading the record, ``bench.chaos`` picking its victim): nothing
+        decides on it."""
+        self._redis.hset(key(job_id), "running", stage)
 
     def finish(self, job_id: str, msg: str, holder: str) -> bool:
         """The job reached its end with ``msg``: no message may move it any more."""

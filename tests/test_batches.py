@@ -203,5 +203,6 @@ def test_metrics_logs_and_flower_show_the_batches(stack, docs):
 
     flower = local_http().get(f"{stack.flower_url}/metrics", auth=stack.flower_auth, timeout=30)
     assert flower.status_code == 200 and "flower_events_total" in flower.text
-    tasks = local_http().get(f"{stack.flower_url}/api/tasks", params={"taskname": "docpipe.baidu.archive"}, auth=stack.flower_auth, timeout=60).json()
-    assert tasks and {t["name"] for t in tasks.values()} == {"docpipe.baidu.archive"}
+    tasks = local_http().get(f"{stack.flower_url}/api/tasks", params={"taskname": "docpipe.baidu.await"}, auth=stack.flower_auth, timeout=60).json()
+    assert tasks and {t["name"] for t in tasks.values()} == {"docpipe.baidu.await"}
+    assert any("+archive" in str(t.get("result")) for t in tasks.values())  # the look that saw it done archived it

@@ -69,6 +69,7 @@ def test_infrastructure_faults_lose_nothing_and_double_nothing(stack, name, faul
         # A submit cut short by a kill may fail with submit_outcome_unknown: honest, and not a loss.
         _holds(row, archived_at_least=row.documents - row.failures.get("submit_outcome_unknown", 0))
         assert row.recovery_s is not None and row.recovery_s <= 60, row.as_json()
+        assert row.faults_played == 5, row.as_json()  # a worker killed in each of the five stages
     else:
         # An outage of Redis or S3 delays documents; it fails none (a submit whose document S3
         # stopped serving midway never reached the provider: it is sent again, not 'unknown').

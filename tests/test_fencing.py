@@ -95,11 +95,60 @@ def test_a_copy_of_a_running_message_in_the_same_process_is_not_run_beside_it(le
     assert ledger.claim(job.job_id, msg, "w:1") == "ok"
 
 
+def _stub_stages(monkeypatch, ran: list[str], *, delays: dict[str, float], crash_at: str = "") -> None:
+    def stub(name: str):
+        def run(j: Job) -> tuple[Job, float | None]:
+            ran.append(name)
+            if name == crash_at:
+                raise KeyboardInterrupt  # the worker dies here, as far as this message is concerned
+            return j, delays.get(name)
+
+        return run
+
+    for name in ("stage", "submit", "await", "fetch", "archive"):
+        monkeypatch.setitem(driver.STAGE_FUNCTIONS, name, stub(name))
+
+
+def test_stages_due_at_once_run_under_the_same_message_and_only_the_later_step_is_published(ledger, monkeypatch):
+    job = _job()
+    msg = "m-" + job.job_id
+    ledger.start(job.job_id, msg, "stage", job.model_dump(mode="json"))
+    _beat("w:1")
+    ran: list[str] = []
+    _stub_stages(monkeypatch, ran, delays={"await": 3.0})  # await: look again in 3 s
+    published: list[tuple[str, str, float]] = []
+    answer = driver.run_step("stage", job.model_dump(mode="json"), msg, publish=lambda step, p, m, c: published.append((step, m, c)), holder="w:1")
+    assert answer == "stage+submit+await: next await"
+    assert ran == ["stage", "submit", "await"]
+    assert [(step, countdown) for step, _, countdown in published] == [("await", 3.0)]
+    assert jobs.read(get_runtime().redis, job.job_id)["msg"] == published[0][1]  # one hand-on, to the one published
+
+
+def test_a_worker_dying_between_inline_stages_leaves_the_job_to_its_message_which_runs_them_again(ledger, monkeypatch):
+    job = _job()
+    msg = "m-" + job.job_id
+    ledger.start(job.job_id, msg, "stage", job.model_dump(mode="json"))
+    _beat("w:1")
+    ran: list[str] = []
+    _stub_stages(monkeypatch, ran, delays={}, crash_at="submit")
+    with pytest.raises(KeyboardInterrupt):
+        driver.run_step("stage", job.model_dump(mode="json"), msg, publish=lambda *a: pytest.fail("nothing is handed on"), holder="w:1")
+    record = jobs.read(get_runtime().redis, job.job_id)
+    assert (record["msg"], record["step"], record["holder"]) == (msg, "stage", "")  # the claimed message still owns the job
+    ran.clear()
+    _stub_stages(monkeypatch, ran, delays={})
+    assert driver.run_step("stage", job.model_dump(mode="json"), msg, publish=lambda *a: pytest.fail("due at once"), holder="w:2") == (
+        "stage+submit+await+fetch+archive: ended"
+    )
+    assert ran == ["stage", "submit", "await", "fetch", "archive"]
+    assert ledger.claim(job.job_id, msg, "w:3") == "stale"  # ended: the message cannot move it again
+
+
 def test_a_publish_refused_by_redis_is_retried_until_it_goes_and_never_doubled(ledger, monkeypatch):
     job = _job()
     msg = "m-" + job.job_id
     get_runtime().ledger.start(job.job_id, msg, "fetch", job.model_dump(mode="json"))
-    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "fetch", lambda j: (j, None))
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "fetch", lambda j: (j, 5.0))  # fetch again later: a message to publish
     monkeypatch.setattr(driver, "backoff", lambda attempt, cap=60.0: 0.01)
     published: list[tuple[str, str]] = []
     refusals = [redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"), OperationalError("broker gone")]
@@ -109,8 +158,8 @@ def test_a_publish_refused_by_redis_is_retried_until_it_goes_and_never_doubled(l
             raise refusals.pop(0)
         published.append((step, next_msg))
 
-    assert driver.run_step("fetch", job.model_dump(mode="json"), msg, publish=publish, holder="w:1") == "next archive"
-    assert len(published) == 1 and published[0][0] == "archive"
+    assert driver.run_step("fetch", job.model_dump(mode="json"), msg, publish=publish, holder="w:1") == "fetch: next fetch"
+    assert len(published) == 1 and published[0][0] == "fetch"
     assert jobs.read(get_runtime().redis, job.job_id)["msg"] == published[0][1]  # the record names the one published
 
 
