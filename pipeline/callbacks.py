@@ -120,9 +120,15 @@ def _check(provider: Provider, job_id: str, callback: Callback) -> dict[str, str
     window = rt.settings.callback_replay_window
     if callback.timestamp is None or abs(time.time() - callback.timestamp) > window:
         raise CallbackRejected(403, f"timestamp outside the {window:.0f}s replay window")
-    if callback.nonce is None or rt.redis.exists(_nonce_key(provider.name, callback.nonce)):
+    if callback.nonce is None:
+        raise CallbackRejected(409, "a callback without a nonce cannot be told from a replay")
+    pipe = rt.redis.pipeline(transaction=False)  # one round trip: a freed slot waits on this path
+    pipe.exists(_nonce_key(provider.name, callback.nonce))
+    pipe.hgetall(jobs.key(job_id))
+    seen, fields = pipe.execute()
+    if seen:
         raise CallbackRejected(409, "nonce seen before (a replay or a repeated delivery)")
-    record = jobs.read(rt.redis, job_id)
+    record = jobs.decoded(fields)
     recorded = record.get("provider_task_id")
     if recorded != callback.task_id and not (not recorded and record.get("sending_at")):
         raise CallbackRejected(409, "not the task this job is waiting for")

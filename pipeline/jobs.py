@@ -66,7 +66,12 @@ def record(client: redis.Redis, job_id: str, **fields: Any) -> None:
 
 
 def read(client: redis.Redis, job_id: str) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in client.hgetall(key(job_id)).items()}
+    return decoded(client.hgetall(key(job_id)))
+
+
+def decoded(fields: dict[bytes, bytes]) -> dict[str, str]:
+    """A record as ``HGETALL`` answers it (read in a pipeline with other things), in text."""
+    return {k.decode(): v.decode() for k, v in fields.items()}
 
 
 def states(client: redis.Redis, job_ids: list[str]) -> dict[str, str | None]:
