@@ -6,7 +6,7 @@ the local stack's S3 (moto behind the signature-checking front), then runs
 of the listing per round trip), with no worker consuming, and samples this process' resident
 memory as it goes. It prints the RSS at each tenth of the listing, the growth from the first
 tenth to the end, and the enqueue rate. Then what bounds it: the pace of the listing alone
-(S3's), and docpipe's own pace from the first ``--held-keys`` of the listing held in memory;
+(``storage.list_objects``, which lists a prefix's folders a few at once), and docpipe's own pace from the first ``--held-keys`` of the listing held in memory;
 and the baseline, the same listing enqueued one document at a time (a HEAD, a LIST, a Lua
 start and a publish each; on its first ``--baseline-keys``). Last, one JSON line.
 
@@ -146,7 +146,7 @@ def run(keys: int, baseline_keys: int = 3000, concurrency: int = 8, held_keys: i
     growth = marks[-1]["rss_mb"] - marks[0]["rss_mb"]
     rate = filled.enqueued / elapsed if elapsed else 0.0
     print(f"RSS idle {idle:.1f} MB, peak {peak:.1f} MB; from the first tenth to the end: {growth:+.1f} MB; {rate:.0f} documents/s enqueued")
-    print(f"the listing alone (S3's pace, the most any enqueue from it could reach): {listing_alone:.0f} keys/s")
+    print(f"the listing alone (storage.list_objects, its folders listed 4 at once; the most any enqueue from it could reach): {listing_alone:.0f} keys/s")
     print(f"enqueue alone, from the first {min(keys, held_keys)} keys of the listing held in memory: {enqueue_alone:.0f} documents/s")
     print(f"one by one (first {baseline_keys} keys): {baseline:.0f} documents/s; from the listing: {rate / baseline:.1f} x that (target: 2000/s)")
     return {"benchmark": "listing", "keys": keys, "enqueued": filled.enqueued, "refused": filled.refused,

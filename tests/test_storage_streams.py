@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from pipeline import storage
 from pipeline.config import get_settings
+from pipeline.devstack import wait_until
 
 
 def _chunks(data: bytes, size: int):
@@ -116,3 +119,22 @@ def test_only_small_objects_are_kept_and_only_the_last_few():
         kept.keep("b", name, "e", name.encode())
     assert kept.get("b", "big", "e") is None and kept.get("b", "one", "e") is None
     assert (kept.get("b", "two", "e"), kept.get("b", "three", "e"), kept.get("b", "three", None)) == (b"two", b"three", None)
+
+
+def test_a_listing_by_folders_at_once_gives_every_key_once_in_the_order_of_a_flat_listing(stack):
+    """Files directly under the prefix and in folders, with names that sort around the folders'
+    ('a.pdf' < 'a/...' < 'a0'), nested folders, and more keys than a page."""
+    bucket, prefix = get_settings().staging_bucket, "test-listing-folders/"
+    client = storage.s3_client()
+    names = ["a.pdf", "a0.pdf", "z.pdf", "b/deep/x.pdf", "b/y.pdf"] + [f"a/{n:04d}.pdf" for n in range(1100)] + [f"c/{n}.pdf" for n in range(30)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: client.put_object(Bucket=bucket, Key=prefix + name, Body=b"%PDF-1.4\n"), names))
+    flat = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix) for o in page["Contents"]]
+    assert len(flat) == len(names)
+    for at_once in (1, 2, 4):
+        assert [o["Key"] for o in storage.list_objects(bucket, prefix, folders_at_once=at_once)] == flat
+    threads = threading.active_count()
+    listing = storage.list_objects(bucket, prefix, ahead=1, folders_at_once=3)
+    assert next(listing)["Key"] == prefix + "a.pdf"
+    listing.close()  # the reader stops early: every folder being read ahead lets its thread end
+    wait_until(lambda: threading.active_count() <= threads, 10, "the read-ahead threads to end")
