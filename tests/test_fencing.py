@@ -95,6 +95,15 @@ def test_a_copy_of_a_running_message_in_the_same_process_is_not_run_beside_it(le
     assert ledger.claim(job.job_id, msg, "w:1") == "ok"
 
 
+def _held_at_stage(ledger: JobLedger) -> tuple[Job, str]:
+    """A job whose first message (``stage``) is about to be run by the live worker ``w:1``."""
+    job = _job()
+    msg = "m-" + job.job_id
+    ledger.start(job.job_id, msg, "stage", job.model_dump(mode="json"))
+    _beat("w:1")
+    return job, msg
+
+
 def _stub_stages(monkeypatch, ran: list[str], *, delays: dict[str, float], crash_at: str = "") -> None:
     def stub(name: str):
         def run(j: Job) -> tuple[Job, float | None]:
@@ -110,10 +119,7 @@ def _stub_stages(monkeypatch, ran: list[str], *, delays: dict[str, float], crash
 
 
 def test_stages_due_at_once_run_under_the_same_message_and_only_the_later_step_is_published(ledger, monkeypatch):
-    job = _job()
-    msg = "m-" + job.job_id
-    ledger.start(job.job_id, msg, "stage", job.model_dump(mode="json"))
-    _beat("w:1")
+    job, msg = _held_at_stage(ledger)
     ran: list[str] = []
     _stub_stages(monkeypatch, ran, delays={"await": 3.0})  # await: look again in 3 s
     published: list[tuple[str, str, float]] = []
@@ -125,10 +131,7 @@ def test_stages_due_at_once_run_under_the_same_message_and_only_the_later_step_i
 
 
 def test_a_worker_dying_between_inline_stages_leaves_the_job_to_its_message_which_runs_them_again(ledger, monkeypatch):
-    job = _job()
-    msg = "m-" + job.job_id
-    ledger.start(job.job_id, msg, "stage", job.model_dump(mode="json"))
-    _beat("w:1")
+    job, msg = _held_at_stage(ledger)
     ran: list[str] = []
     _stub_stages(monkeypatch, ran, delays={}, crash_at="submit")
     with pytest.raises(KeyboardInterrupt):
