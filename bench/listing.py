@@ -6,9 +6,10 @@ the local stack's S3 (moto behind the signature-checking front), then runs
 of the listing per round trip), with no worker consuming, and samples this process' resident
 memory as it goes. It prints the RSS at each tenth of the listing, the growth from the first
 tenth to the end, and the enqueue rate. Then what bounds it: the pace of the listing alone
-(``storage.list_objects``, which lists a prefix's folders a few at once), and docpipe's own pace from the first ``--held-keys`` of the listing held in memory;
-and the baseline, the same listing enqueued one document at a time (a HEAD, a LIST, a Lua
-start and a publish each; on its first ``--baseline-keys``). Last, one JSON line.
+(``storage.list_objects``, which lists a prefix's folders a few at once), and docpipe's own
+pace from the first ``--held-keys`` of the listing held in memory; and the baseline, the same
+listing enqueued one document at a time (a HEAD, a LIST, a Lua start and a publish each; on
+its first ``--baseline-keys``). Last, one JSON line.
 
 What memory can grow with: nothing per document is kept by the ingest (listing pages are
 dropped as they are consumed, the window of documents in flight is bounded); what stays in

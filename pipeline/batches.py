@@ -182,7 +182,7 @@ def status(client: redis.Redis, name: str) -> BatchStatus:
     pipe.hgetall(key(name))
     pipe.hgetall(key(name, "counts"))
     pipe.hgetall(key(name, "reasons"))
-    meta, counts, reasons = (_decode(h) for h in pipe.execute())
+    meta, counts, reasons = (jobs.decoded(h) for h in pipe.execute())
     if not meta:
         raise BatchError(f"no batch named {name!r}")
     return BatchStatus(
@@ -199,10 +199,6 @@ def status(client: redis.Redis, name: str) -> BatchStatus:
         first_finished_at=float(meta["first_finished_at"]) if meta.get("first_finished_at") else None,
         last_finished_at=float(meta["last_finished_at"]) if meta.get("last_finished_at") else None,
     )
-
-
-def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in mapping.items()}
 
 
 # --- members ------------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ def members(client: redis.Redis, name: str, *, state: str | None = None, chunk: 
 
 
 def refused_sources(client: redis.Redis, name: str) -> dict[str, str]:
-    return _decode(client.hgetall(key(name, "refused")))
+    return jobs.decoded(client.hgetall(key(name, "refused")))
 
 
 # --- filling a batch ----------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def read(client: redis.Redis, job_id: str) -> dict[str, str]:
 
 
 def decoded(fields: dict[bytes, bytes]) -> dict[str, str]:
-    """A record as ``HGETALL`` answers it (read in a pipeline with other things), in text."""
+    """A hash as ``HGETALL`` answers it (a record, a batch's counters), in text."""
     return {k.decode(): v.decode() for k, v in fields.items()}
 
 

@@ -69,9 +69,10 @@ def _broker_text(client: redis.Redis) -> str:
     """Every message waiting in the queues or held unacknowledged, with its body decoded: kombu
     base64-encodes bodies, so a secret inside one would not show in the raw text, and any
     message's encoded body (a job is some 300 bytes) looks like a signature to the pattern."""
-    raw = [m for k in client.scan_iter("docpipe.*") if client.type(k) == b"list" for m in client.lrange(k, 0, -1)]
+    keys = list(client.scan_iter("docpipe.*"))
+    raw = [m for k in keys if client.type(k) == b"list" for m in client.lrange(k, 0, -1)]
     raw += client.hvals("unacked")  # each: [message, exchange, routing key]
-    decoded = []
+    decoded = [repr(client.hgetall(k)) for k in keys if client.type(k) == b"hash"]  # not messages: as they are
     for item in raw:
         message = json.loads(item)
         message = message[0] if isinstance(message, list) else message
