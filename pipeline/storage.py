@@ -365,7 +365,8 @@ def list_objects(bucket: str, prefix: str = "", *, ahead: int = 2, folders_at_on
     listing, and each folder is listed on its own, ``folders_at_once`` of them at the same
     time, ``ahead`` pages each read in advance, and handed on in key order. A prefix with no
     folders is listed as before, a page at a time, the next ``ahead`` pages read in a thread.
-    What is held: ``folders_at_once`` x (``ahead`` + 1) pages at most."""
+    What is held: ``folders_at_once`` x (``ahead`` + 1) pages at most, and up to 1,000 x
+    ``ahead`` top-level entries waiting behind a folder being handed on."""
     client = s3_client(raw_timestamps=True)
     window: deque[_ReadAhead | dict[str, Any]] = deque()  # files, and folders being listed, in key order
     folders = 0
