@@ -6,7 +6,8 @@ fails (Redis refusing writes, a broker blip) Celery records a failure and acknow
 message, and the document is gone without a trace. Here the next message is published before
 the step returns, and a publish that fails is retried for as long as it fails, so the step's
 own message stays unacknowledged (and comes back if this worker dies) until its successor
-exists. Retries, polls and waits for a rate token are next messages like any other.
+exists. Retries, polls and waits for a rate token are next messages like any other; a next
+stage that is due at once is run by the same step instead (``run_inline``).
 
 Every step first claims the job (``JobLedger.claim``): a stale or duplicate message does
 nothing, so no step runs twice at once or after the job moved on. Nothing here needs Celery:
