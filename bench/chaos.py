@@ -158,8 +158,10 @@ class Chaos:
                 made[provider] = [s.path for s in make_batch(where, n)]
         return made
 
-    def send(self, name: str, count: int) -> list[JobHandle]:
-        handles: list[JobHandle] = []
+    def send(self, name: str, count: int, handles: list[JobHandle] | None = None) -> list[JobHandle]:
+        """Enqueue the scenario's documents; their handles, appended to ``handles`` as they are sent
+        (a fault watching them from another thread sees each one as soon as it exists)."""
+        handles = [] if handles is None else handles
         for provider, sources in self.documents(name, count).items():
             # Half as local files, one by one; half from an S3 listing, a chunk and a dispatch message at a time.
             listed, local = sources[: len(sources) // 2], sources[len(sources) // 2 :]
@@ -256,12 +258,13 @@ def kill_during(stage: str, kills: int = 3) -> Fault:
     poll in memory), ``kills`` times, starting a replacement each time. Affected: what it held."""
 
     def fault(chaos: Chaos, handles: list[JobHandle], seconds: float) -> list[tuple[float, set[str]]]:
-        ours, played = {h.job_id for h in handles}, []
+        played: list[tuple[float, set[str]]] = []
         for _ in range(kills):
             victim = _holder_at(chaos, handles, stage, timeout=120)
             if victim is None:
                 break
             holder, pid = victim
+            ours = {h.job_id for h in handles}
             held = {m.decode().split(" ")[0] for m in chaos.redis.smembers(jobs.held_key(holder))}
             held |= {job for job, s in chaos.states(handles).items() if s["holder"] == holder}
             try:
@@ -420,10 +423,18 @@ def run(chaos: Chaos, name: str, fault: Fault, docs: int, length: float, timeout
     chaos.stack.netem("redis", "delay", ms=0)
     row = Row(name)
     started = time.time()
-    handles = chaos.send(name, docs)
+    handles: list[JobHandle] = []
     outcome: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: outcome.update(result=fault(chaos, handles, length)), daemon=True)
-    worker.start()
+    # A kill looks for its victim while the documents are still being sent: a step that runs
+    # the stages due at once after it leaves each document in ``stage`` only briefly, and under
+    # a busy CPU every document of a small batch had been staged before the send returned.
+    watches_the_send = name.startswith("kill")
+    if watches_the_send:
+        worker.start()
+    chaos.send(name, docs, handles)
+    if not watches_the_send:
+        worker.start()
     try:
         states = chaos.wait_ended(handles, timeout)
     finally:
