@@ -1,15 +1,18 @@
 """Build what every task needs before a worker takes its first task.
 
 Why: a worker's threads all start on the first batch at once. Built lazily, the S3 client,
-the HTTP client's TLS context and the providers' RSA keys were built at that moment under
-one GIL, and the first documents of every batch (and every restart) waited seconds for
-them while the provider's slots stood empty.
+the providers' HTTP client (its TLS context: tens of ms of CPU reading the CA bundle, while
+every other thread waits for it behind a lock), the providers' RSA keys and one Redis
+connection per thread were built at that moment under one GIL, and the first documents of
+every batch (and every restart) waited for them while the provider's slots stood empty.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+
+import redis
 
 from pipeline import storage
 from pipeline.providers import get_provider, provider_names
@@ -18,12 +21,30 @@ from pipeline.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-def warm_up(providers: Iterable[str] | None = None) -> None:
-    """Build the runtime, the S3 client and each provider; an outage here is logged, not fatal."""
+def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1) -> None:
+    """Build the runtime, its HTTP client, the S3 client, each provider, and a Redis
+    connection for each of ``threads``; an outage here is logged, not fatal."""
     try:
-        get_runtime().redis.ping()
+        rt = get_runtime()
+        rt.redis.ping()
+        open_connections(rt.redis, threads)
+        rt.http  # noqa: B018 - built on first use; here, before the first use is a submit
         storage.s3_client()
         for name in providers if providers is not None else provider_names():
             get_provider(name).warm_up()
     except Exception as exc:  # the first task will meet the same outage and retry; do not kill the worker
         log.warning("warm-up incomplete (%s); the first tasks will build what is missing", type(exc).__name__)
+
+
+def open_connections(client: redis.Redis, count: int) -> int:
+    """Connect ``count`` of the client's pooled connections at once, and put them back: each
+    thread's first command then finds one open instead of connecting (and greeting) under load."""
+    pool = client.connection_pool
+    taken = []
+    try:
+        for _ in range(count):
+            taken.append(pool.get_connection())
+    finally:
+        for connection in taken:
+            pool.release(connection)
+    return len(taken)

@@ -23,7 +23,7 @@ _background: list[Any] = []
 
 
 @worker_init.connect
-def _start(**_: Any) -> None:
+def _start(sender: Any = None, **_: Any) -> None:
     """Build clients and keys before the first task, then beat a heartbeat and run the reconciler.
 
     One heartbeat and one reconciler per worker process (docpipe runs thread pools; the
@@ -35,7 +35,8 @@ def _start(**_: Any) -> None:
     from pipeline.warmup import warm_up
     from workers.tasks import publish_redriven
 
-    warm_up()
+    # A thread pool's threads, plus the heartbeat and the reconciler that start below.
+    warm_up(threads=int(getattr(sender, "concurrency", 0) or 1) + 2)
     rt = get_runtime()
     if rt.settings.metrics_port:
         from pipeline.metrics import serve_worker_metrics
