@@ -102,9 +102,18 @@ def sha256_file(path: Path) -> str:
 
 
 def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> None:
-    """Stream a local file up; boto3 switches to multipart above the threshold."""
+    """Stream a local file up: one PUT below the multipart threshold, parts above it.
+
+    Below it, not through boto3's ``upload_file``: its transfer manager starts a pool of
+    threads for every call, which cost an enqueuer more CPU than the PUT itself.
+    """
     s = settings or get_settings()
-    config = TransferConfig(multipart_threshold=s.multipart_threshold_mb * CHUNK, multipart_chunksize=8 * CHUNK)
+    threshold = s.multipart_threshold_mb * CHUNK
+    if path.stat().st_size < threshold:
+        with path.open("rb") as body:
+            s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)
+        return
+    config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=8 * CHUNK)
     s3_client(s).upload_file(str(path), bucket, key, Config=config)
 
 

@@ -138,3 +138,23 @@ def test_a_listing_by_folders_at_once_gives_every_key_once_in_the_order_of_a_fla
     assert next(listing)["Key"] == prefix + "a.pdf"
     listing.close()  # the reader stops early: every folder being read ahead lets its thread end
     wait_until(lambda: threading.active_count() <= threads, 10, "the read-ahead threads to end")
+
+
+@pytest.mark.parametrize(("size_mb", "expected"), [(0.1, ["PutObject"]), (9, ["CreateMultipartUpload", "UploadPart", "UploadPart", "CompleteMultipartUpload"])])
+def test_a_local_file_goes_up_in_one_put_below_the_threshold_and_in_parts_above_it(stack, tmp_path, size_mb, expected):
+    source = tmp_path / "doc.bin"
+    data = os.urandom(int(size_mb * storage.CHUNK))
+    source.write_bytes(data)
+    client, calls = storage.s3_client(), []
+
+    def note(model, **_):
+        calls.append(model.name)
+
+    client.meta.events.register("before-call.s3", note)
+    try:
+        storage.upload_file(source, get_settings().staging_bucket, f"test-uploads/{size_mb}.bin")
+    finally:
+        client.meta.events.unregister("before-call.s3", note)
+    assert sorted(calls) == sorted(expected)  # 8 MB threshold (the default): 9 MB is parts of 8 and 1
+    stored = storage.read_object(get_settings().staging_bucket, f"test-uploads/{size_mb}.bin")
+    assert stored == data
