@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
-from emulators import EMULATORS
+from emulators import EMULATORS, REFEREE_SERVER
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         except json.JSONDecodeError:
             settings[key] = value
     app = module.create_app(module.Config.model_validate(settings))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **REFEREE_SERVER)
 
 
 if __name__ == "__main__":

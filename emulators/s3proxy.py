@@ -49,6 +49,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from emulators import REFEREE_SERVER
+
 log = logging.getLogger("emulators.s3proxy")
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -582,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(args.upstream, args.access_key, args.secret_key, args.region)
     # No Date/Server of our own: the upstream's are forwarded, and two of each would be wrong.
     uvicorn.run(app, host=args.listen_host, port=args.listen_port, log_level="warning", access_log=False,
-                date_header=False, server_header=False)
+                date_header=False, server_header=False, **REFEREE_SERVER)
 
 
 if __name__ == "__main__":
