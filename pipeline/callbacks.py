@@ -25,10 +25,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +40,7 @@ from starlette.routing import Route
 
 from pipeline import jobs, links
 from pipeline.providers import get_provider, provider_names
+from pipeline.limits import free_slot_lua
 from pipeline.providers.base import Callback, CallbackRejected, Provider
 from pipeline.runtime import get_runtime
 
@@ -96,63 +99,125 @@ def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
     provider = get_provider(name)
     try:
         callback = provider.open_callback(body)
-        record = _check(provider, job_id, callback)
+        _check_signed_fields(job_id, callback)
+        keep(provider, job_id, callback)
     except CallbackRejected as rejected:
         log.warning("callback for %s/%s refused (%d): %s", name, job_id, rejected.status, rejected.reason)
         return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
-    except redis.RedisError:  # cannot even read: let the provider retry
-        return JSONResponse({"error": "busy, retry"}, status_code=503)
-    try:
-        _keep(provider, job_id, callback, record)
-    except redis.RedisError as exc:
-        # Redis refuses writes (OOM, a read-only replica): keep it on disk and answer, since the
-        # provider retries only for seconds; the spool is drained into Redis when it accepts again.
+    except redis.ResponseError as exc:
+        # Redis refuses writes (OOM, a read-only replica): check what can be read and keep the
+        # callback on disk, since the provider retries only for seconds; the spool is drained
+        # into Redis when it accepts writes again.
+        try:
+            _check_by_reading(provider, job_id, callback)
+        except CallbackRejected as rejected:
+            return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
+        except redis.RedisError:
+            return JSONResponse({"error": "busy, retry"}, status_code=503)
         Spool.default().put(name, job_id, callback)
         log.warning("callback for %s/%s spooled to disk: Redis refused it (%s)", name, job_id, type(exc).__name__)
+    except redis.RedisError:  # cannot even read: let the provider retry
+        return JSONResponse({"error": "busy, retry"}, status_code=503)
     return JSONResponse({"message": "ok"})  # the seed's own example answer (001, 4.4)
 
 
-def _check(provider: Provider, job_id: str, callback: Callback) -> dict[str, str]:
-    """Every reason to refuse, before anything is written; the job's record when none applies."""
-    rt = get_runtime()
+def _check_signed_fields(job_id: str, callback: Callback) -> None:
+    """The refusals that need no Redis: whose job the provider echoes, when and with what nonce it signed."""
     if callback.job_id != job_id:
         raise CallbackRejected(403, "the job id the provider echoes is not the one in the path")
-    window = rt.settings.callback_replay_window
+    window = get_runtime().settings.callback_replay_window
     if callback.timestamp is None or abs(time.time() - callback.timestamp) > window:
         raise CallbackRejected(403, f"timestamp outside the {window:.0f}s replay window")
     if callback.nonce is None:
         raise CallbackRejected(409, "a callback without a nonce cannot be told from a replay")
-    pipe = rt.redis.pipeline(transaction=False)  # one round trip: a freed slot waits on this path
-    pipe.exists(_nonce_key(provider.name, callback.nonce))
+
+
+REPLAYED = "nonce seen before (a replay or a repeated delivery)"
+NOT_WAITED_FOR = "not the task this job is waiting for"
+
+
+def _check_by_reading(provider: Provider, job_id: str, callback: Callback) -> None:
+    """The checks of ``_KEEP``, by reading only: whether a callback Redis cannot store now is one to keep."""
+    pipe = get_runtime().redis.pipeline(transaction=False)
+    pipe.exists(_nonce_key(provider.name, callback.nonce or ""))
     pipe.hgetall(jobs.key(job_id))
     seen, fields = pipe.execute()
     if seen:
-        raise CallbackRejected(409, "nonce seen before (a replay or a repeated delivery)")
+        raise CallbackRejected(409, REPLAYED)
     record = jobs.decoded(fields)
     recorded = record.get("provider_task_id")
     if recorded != callback.task_id and not (not recorded and record.get("sending_at")):
-        raise CallbackRejected(409, "not the task this job is waiting for")
-    return record
+        raise CallbackRejected(409, NOT_WAITED_FOR)
 
 
-def _keep(provider: Provider, job_id: str, callback: Callback, record: dict[str, str]) -> None:
-    """Store the result under its task, remember the nonce, adopt a task whose submit lost its answer,
-    note how long the task took, and free its slot: stored before freed, so a worker that takes
-    the slot never outruns the result."""
+# One round trip from a verified callback to the freed slot, which a waiting submit takes at once.
+# KEYS: 1 nonce, 2 job record, 3 result store, 4 processing times, 5 lease set, 6 lease waiters.
+# ARGV: 1 task id, 2 payload, 3 store ttl, 4 nonce ttl, 5 now, 6 processing samples kept,
+# 7 lease id ('' when the provider has no in-flight limit).
+# Refuses a nonce seen before, and a task that is neither the job's nor one a submit without an
+# answer may have created (then adopted); stores the result before freeing the slot, so a worker
+# that takes the slot never outruns it.
+_KEEP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'replayed', 0} end
+local f = redis.call('HMGET', KEYS[2], 'provider_task_id', 'sending_at', 'submitted_at')
+local recorded, sending, submitted = f[1], f[2], f[3]
+if recorded == '' then recorded = false end
+if sending == '' then sending = false end
+if recorded ~= ARGV[1] and not (not recorded and sending) then return {'not_waited_for', 0} end
+redis.call('SET', KEYS[3], ARGV[2], 'NX', 'EX', ARGV[3])
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[4])
+local since = submitted or sending or ARGV[5]
+local adopted = 0
+if not recorded then
+  redis.call('HSET', KEYS[2], 'provider_task_id', ARGV[1], 'submitted_at', since)
+  redis.call('HDEL', KEYS[2], 'sending_at')
+  adopted = 1
+end
+redis.call('LPUSH', KEYS[4], string.format('%.3f', tonumber(ARGV[5]) - tonumber(since)))
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[6]) - 1)
+if ARGV[7] ~= '' then
+  local freed = 0""" + free_slot_lua("KEYS[5]", "KEYS[6]", "ARGV[7]") + """end
+return {'kept', adopted}
+"""
+
+
+@cache
+def _keep_script(client: redis.Redis) -> Script:
+    return client.register_script(_KEEP)
+
+
+def keep(provider: Provider, job_id: str, callback: Callback) -> None:
+    """Store the result under its task, remember the nonce, adopt a task whose submit lost its
+    answer, note how long the task took, and free its slot; ``CallbackRejected`` for a replay or
+    a task the job is not waiting for, with nothing written. A ``redis.ResponseError`` says Redis
+    refused the writes."""
     rt = get_runtime()
-    now = time.time()
-    submitted_at = float(record.get("submitted_at") or record.get("sending_at") or now)
-    pipe = rt.redis.pipeline()
-    pipe.set(_key(provider.name, callback.task_id), json.dumps(callback.payload, ensure_ascii=False), nx=True, ex=STORE_TTL)
-    pipe.set(_nonce_key(provider.name, callback.nonce or ""), "1", ex=int(2 * rt.settings.callback_replay_window))
-    if not record.get("provider_task_id"):
+    leases, waiters = rt.leases.keys(provider.lease_key())
+    outcome, adopted = _keep_script(rt.redis)(
+        keys=[
+            _nonce_key(provider.name, callback.nonce or ""),
+            jobs.key(job_id),
+            _key(provider.name, callback.task_id),
+            processing_key(provider),
+            leases,
+            waiters,
+        ],
+        args=[
+            callback.task_id,
+            json.dumps(callback.payload, ensure_ascii=False),
+            STORE_TTL,
+            int(2 * rt.settings.callback_replay_window),
+            time.time(),
+            PROCESSING_SAMPLES,
+            job_id if provider.max_in_flight() else "",
+        ],
+    )
+    if outcome == b"replayed":
+        raise CallbackRejected(409, REPLAYED)
+    if outcome == b"not_waited_for":
+        raise CallbackRejected(409, NOT_WAITED_FOR)
+    if adopted:
         log.info("%s/%s: adopting task %s, named by its callback (its submit got no answer)", provider.name, job_id, callback.task_id)
-        pipe.hset(jobs.key(job_id), mapping={"provider_task_id": callback.task_id, "submitted_at": submitted_at})
-        pipe.hdel(jobs.key(job_id), "sending_at")
-    pipe.lpush(processing_key(provider), round(now - submitted_at, 3))
-    pipe.ltrim(processing_key(provider), 0, PROCESSING_SAMPLES - 1)
-    pipe.execute()
-    provider.finished_at_provider(job_id)
 
 
 class Spool:
@@ -190,8 +255,7 @@ class Spool:
             entry = json.loads(path.read_text())
             provider, callback = get_provider(entry["provider"]), Callback(**entry["callback"])
             try:
-                record = _check(provider, entry["job_id"], callback)
-                _keep(provider, entry["job_id"], callback, record)
+                keep(provider, entry["job_id"], callback)
                 kept += 1
             except CallbackRejected as rejected:  # taken meanwhile (a retried delivery got in), or no longer wanted
                 log.info("spooled callback %s dropped: %s", path.name, rejected.reason)

@@ -412,15 +412,25 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
 
-# KEYS[1] = lease set, KEYS[2] = the "freed" list waiters block on; ARGV[1] = lease id. One round
-# trip: the waiter a release wakes is the critical path of refilling the slot.
-_RELEASE_LUA = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], '1')
-redis.call('LTRIM', KEYS[2], 0, 99)
-redis.call('EXPIRE', KEYS[2], 3600)
-return 1
+
+
+def free_slot_lua(leases: str, freed: str, lease_id: str) -> str:
+    """Lua that frees a lease and wakes one waiter, setting ``freed`` to 1 when the lease was held;
+    the arguments are the Lua expressions of the lease set, the list waiters block on and the
+    lease id. Shared by the release script and the callback receiver's (which frees the slot in
+    the round trip that keeps the result): the waiter it wakes is the path that refills the slot."""
+    return f"""
+if redis.call('ZREM', {leases}, {lease_id}) == 1 then
+  redis.call('LPUSH', {freed}, '1')
+  redis.call('LTRIM', {freed}, 0, 99)
+  redis.call('EXPIRE', {freed}, 3600)
+  freed = 1
+end
 """
+
+
+# KEYS[1] = lease set, KEYS[2] = the "freed" list waiters block on; ARGV[1] = lease id.
+_RELEASE_LUA = "local freed = 0" + free_slot_lua("KEYS[1]", "KEYS[2]", "ARGV[1]") + "return freed"
 
 _COUNT_LUA = """
 local t = redis.call('TIME')
@@ -447,16 +457,17 @@ class LeaseSemaphore:
         self._count = client.register_script(_COUNT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
 
-    def _keys(self, key: str) -> tuple[str, str]:
+    def keys(self, key: str) -> tuple[str, str]:
+        """The lease set of ``key`` and the list its waiters block on."""
         return f"{self._prefix}:{key}", f"{self._prefix}:{key}:freed"
 
     def try_acquire(self, key: str, lease_id: str, limit: int, ttl: float) -> bool:
-        leases, _ = self._keys(key)
+        leases, _ = self.keys(key)
         return bool(self._acquire(keys=[leases], args=[lease_id, limit, int(ttl * 1000)]))
 
     def acquire(self, key: str, lease_id: str, limit: int, ttl: float, *, max_wait: float) -> None:
         """Take a lease, waiting up to ``max_wait`` for a release; then ``RateWait`` to re-schedule."""
-        leases, freed = self._keys(key)
+        leases, freed = self.keys(key)
         deadline = time.monotonic() + max_wait
         while not self.try_acquire(key, lease_id, limit, ttl):
             left = deadline - time.monotonic()
@@ -467,13 +478,13 @@ class LeaseSemaphore:
 
     def extend(self, key: str, lease_id: str, ttl: float, *, only_if_held: bool = False) -> None:
         """Set the lease to expire ``ttl`` from now; ``only_if_held`` never re-adds a released one."""
-        leases, _ = self._keys(key)
+        leases, _ = self.keys(key)
         self._extend(keys=[leases], args=[lease_id, int(ttl * 1000), "1" if only_if_held else "0"])
 
     def release(self, key: str, lease_id: str) -> bool:
-        leases, freed = self._keys(key)
+        leases, freed = self.keys(key)
         return bool(self._release(keys=[leases, freed], args=[lease_id]))
 
     def held(self, key: str) -> int:
-        leases, _ = self._keys(key)
+        leases, _ = self.keys(key)
         return int(self._count(keys=[leases]))

@@ -6,6 +6,7 @@ emulator's key the way the provider signs them (tests.tuputech_signing), or forg
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -14,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from pipeline import jobs
+from pipeline import callbacks, jobs
 from pipeline.providers import get_provider
 from pipeline.runtime import get_runtime
 from tests.tuputech_signing import generate_key_pair, seal
@@ -123,3 +124,33 @@ def test_a_callback_adopts_the_task_of_a_submit_whose_answer_was_lost(receiver):
     assert _post(receiver, job_id, _signed(receiver, _payload(job_id, task_id))).status_code == 200
     record = jobs.read(rt.redis, job_id)
     assert record["provider_task_id"] == task_id and "sending_at" not in record
+
+
+def test_a_callback_redis_cannot_store_is_checked_by_reading_spooled_and_kept_once_redis_accepts_writes(receiver, tmp_path, monkeypatch):
+    """Redis refusing writes (OOM, a read-only replica) is played by the one function that writes:
+    the rest, the reads that decide whether to spool and the drain, run on the real Redis."""
+    rt, provider = get_runtime(), get_provider("tuputech")
+    job_id, task_id = _job(), secrets.token_hex(16)
+    jobs.record(rt.redis, job_id, provider_task_id=task_id, submitted_at=time.time() - 3)
+    assert rt.leases.try_acquire(provider.lease_key(), job_id, 30, 60)
+    spool = callbacks.Spool(tmp_path / "spool")
+    monkeypatch.setattr(callbacks.Spool, "_default", spool)
+    keep = callbacks.keep
+
+    def refused(*_args, **_kwargs):
+        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    monkeypatch.setattr(callbacks, "keep", refused)
+    body = json.dumps(_signed(receiver, _payload(job_id, task_id))).encode()
+    assert callbacks.handle("tuputech", job_id, body).status_code == 200
+    other = json.dumps(_signed(receiver, _payload(job_id, secrets.token_hex(16)))).encode()
+    assert callbacks.handle("tuputech", job_id, other).status_code == 409  # not this job's task: refused, not spooled
+    assert [p.name for p in (tmp_path / "spool").glob("*.json")] == [f"tuputech-{job_id}-{task_id}.json"]
+    assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is None
+
+    monkeypatch.setattr(callbacks, "keep", keep)
+    assert spool.drain() == 1
+    assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is not None
+    assert rt.redis.zscore(f"docpipe:lease:{provider.lease_key()}", job_id) is None  # its slot freed
+    assert list((tmp_path / "spool").glob("*.json")) == []
+    assert spool.drain() == 0
