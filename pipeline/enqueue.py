@@ -11,6 +11,7 @@ round trips, and done one after another they, not the providers, would pace a bi
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections import deque
@@ -24,7 +25,8 @@ import redis
 from botocore.exceptions import ClientError
 from kombu.exceptions import KombuError
 
-from pipeline import jobs, storage
+from pipeline import jobs, sniff, stages, storage
+from pipeline.errors import BadInput
 from pipeline.models import Job, JobError, NormalizedResult
 from pipeline.providers import provider_class
 from pipeline.runtime import get_runtime
@@ -112,6 +114,30 @@ def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = 
     return Job(job_id=job_id, provider=provider, source=str(path), location=location, options=options), path
 
 
+def measured_here(job: Job, path: Path, etag: str | None) -> Job:
+    """The job with what its bytes are (``Job.document``), measured from the local file just
+    uploaded as ``etag``, so that its stage step need not read them back from S3.
+
+    Only a document that passes: one that does not is left to the stage step, which reads it
+    from S3 and says why in the document's ``error.json``, as for any other source.
+    """
+    if etag is None:
+        return job
+    bucket, key = storage.parse_s3_uri(job.location)
+    with path.open("rb") as fh:
+
+        def read_range(start: int, end: int) -> bytes:
+            fh.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
+            return fh.read(-start if start < 0 else end - start + 1)
+
+        head = fh.read(sniff.HEAD_BYTES)
+        try:
+            document = stages.describe(job, bucket, key, head, os.fstat(fh.fileno()).st_size, etag, read_range)
+        except BadInput:
+            return job
+    return job.model_copy(update={"document": document})
+
+
 def publish_first(job: Job, msg: str) -> None:
     """Send the job's first message (``stage``) on its provider's queue."""
     from workers.tasks import publish  # the Celery app is only needed to send; keep pipeline importable without it
@@ -145,7 +171,8 @@ def enqueue(
         return JobHandle(job.job_id, provider, job.source, skipped=True)
     if local_file is not None:
         # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
-        storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
+        etag = storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
+        job = measured_here(job, local_file, etag)
     msg = str(uuid.uuid4())
     payload = job.model_dump(mode="json")
     started = rt.ledger.start(

@@ -14,6 +14,7 @@ import logging
 import mimetypes
 import random
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -64,9 +65,30 @@ def parked_key(job: Job) -> str:
 
 
 def stage(job: Job) -> Job:
-    """Learn what the document really is and refuse it here, before any provider request."""
+    """Learn what the document really is and refuse it here, before any provider request.
+
+    A local file's enqueuer measured the bytes it uploaded (``Job.document``, pinned to the
+    ETag S3 gave them): that is not read again. Anything else is read from S3 here.
+    """
     if not job.archive_checked:
         _end_if_archived(job)
+    document = job.document or _measure(job)
+    get_provider(job.provider).check(document, job)
+    # Where the bytes are, for the receiver's document links (they never name the bucket).
+    jobs.record(
+        get_runtime().redis,
+        job.job_id,
+        state="staged",
+        stage="stage",
+        doc_bucket=document.bucket,
+        doc_key=document.key,
+        doc_etag=document.etag,
+        doc_format=document.format,
+    )
+    return job.model_copy(update={"document": document})
+
+
+def _measure(job: Job) -> DocumentInfo:
     bucket, key = storage.parse_s3_uri(job.location)
     try:
         found = storage.read_head(bucket, key, sniff.HEAD_BYTES, etag=job.source_etag)
@@ -78,7 +100,16 @@ def stage(job: Job) -> Job:
     if found is None:
         raise BadInput(f"{job.label()}: the document is not in s3://{bucket}/{key} (deleted after it was listed?)", code="not_found")
     head, meta = found
-    size = int(meta["size"])
+    etag = meta["etag"]
+    return describe(job, bucket, key, head, int(meta["size"]), etag, lambda start, end: storage.read_range(bucket, key, start, end, etag))
+
+
+def describe(
+    job: Job, bucket: str, key: str, head: bytes, size: int, etag: str | None, read_range: Callable[[int, int], bytes]
+) -> DocumentInfo:
+    """What the bytes are, from their first ``sniff.HEAD_BYTES`` (``head``), their size, and the
+    ranges ``read_range(start, end)`` gives (``storage.read_range``'s); ``BadInput`` naming the
+    document when they are not a document a provider takes."""
     if size == 0:
         raise BadInput(f"{job.label()}: the document is empty (0 bytes)", code="empty")
     fmt = sniff.sniff_format(head)
@@ -89,38 +120,16 @@ def stage(job: Job) -> Job:
         )
     width = height = None
     tail = head[-1024:] if size <= len(head) else None  # a small document was read whole already
-    if fmt == "pdf" and not sniff.pdf_looks_complete(tail if tail is not None else storage.read_range(bucket, key, -1024, 0, meta["etag"])):
+    if fmt == "pdf" and not sniff.pdf_looks_complete(tail if tail is not None else read_range(-1024, 0)):
         raise BadInput(f"{job.label()}: the PDF is corrupt or truncated (no %%EOF at its end)", code="corrupt")
     if fmt in sniff.IMAGE_FORMATS:
         dims = sniff.image_size(head)
         if dims is None and size > len(head):
-            dims = sniff.image_size(storage.read_range(bucket, key, 0, 4 * 1024 * 1024 - 1, meta["etag"]))
+            dims = sniff.image_size(read_range(0, 4 * 1024 * 1024 - 1))
         if dims is None:
             raise BadInput(f"{job.label()}: the {fmt} image header is corrupt", code="corrupt")
         width, height = dims
-    document = DocumentInfo(
-        bucket=bucket,
-        key=key,
-        filename=key.rsplit("/", 1)[-1],
-        size=size,
-        format=fmt,
-        etag=meta["etag"],
-        width=width,
-        height=height,
-    )
-    get_provider(job.provider).check(document, job)
-    # Where the bytes are, for the receiver's document links (they never name the bucket).
-    jobs.record(
-        get_runtime().redis,
-        job.job_id,
-        state="staged",
-        stage="stage",
-        doc_bucket=bucket,
-        doc_key=key,
-        doc_etag=document.etag,
-        doc_format=fmt,
-    )
-    return job.model_copy(update={"document": document})
+    return DocumentInfo(bucket=bucket, key=key, filename=key.rsplit("/", 1)[-1], size=size, format=fmt, etag=etag, width=width, height=height)
 
 
 def _end_if_archived(job: Job) -> None:

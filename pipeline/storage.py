@@ -101,8 +101,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> None:
-    """Stream a local file up: one PUT below the multipart threshold, parts above it.
+def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> str | None:
+    """Stream a local file up: one PUT below the multipart threshold, parts above it; the ETag
+    S3 gave the object when it went up in one PUT (None for parts).
 
     Below it, not through boto3's ``upload_file``: its transfer manager starts a pool of
     threads for every call, which cost an enqueuer more CPU than the PUT itself.
@@ -111,10 +112,10 @@ def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = N
     threshold = s.multipart_threshold_mb * CHUNK
     if path.stat().st_size < threshold:
         with path.open("rb") as body:
-            s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)
-        return
+            return str(s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)["ETag"]).strip('"')
     config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=8 * CHUNK)
     s3_client(s).upload_file(str(path), bucket, key, Config=config)
+    return None
 
 
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})

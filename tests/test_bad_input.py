@@ -9,6 +9,7 @@ so one batch holds them all.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,37 @@ def test_keys_with_spaces_unicode_and_percent_are_ingested_like_any_other(stack,
     results = outcomes(handles)
     assert all(not isinstance(r, DocumentFailedError) for r in results), [getattr(r, "error", None) for r in results]
     assert sorted(r.document.key for r in results) == sorted(keys)
+
+
+def test_a_local_file_is_measured_where_it_is_uploaded_exactly_as_stage_measures_it_from_s3(stack, docs):
+    """The enqueuer describes what it uploads so that the stage need not read it back; for every
+    kind of file it must say what stage would, and leave a file stage refuses to stage."""
+    from pipeline.enqueue import measured_here, prepare
+
+    stack.activate()
+    large_png = docs / "large.png"
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(large_png, format="PNG")
+    large_pdf = docs / "large.pdf"  # over 64 kB: whether it ends is read from its tail
+    large_pdf.write_bytes(b"%PDF-1.4\n" + os.urandom(100 * 1024) + b"\n%%EOF\n")
+    empty = docs / "empty.pdf"
+    empty.write_bytes(b"")
+    samples = [
+        ("tuputech", make_report_pdf(docs / "report.pdf", 1).path),
+        ("baidu", _png(docs / "tiny.png", (10, 10))),  # measured here; refused later by baidu's check, as before
+        ("baidu", large_png),  # over 64 kB: its dimensions come from its header
+        ("baidu", large_pdf),
+        ("baidu", make_corrupt_pdf(docs / "corrupt.pdf").path),
+        ("baidu", empty),
+    ]
+    assert min(large_png.stat().st_size, large_pdf.stat().st_size) > 64 * 1024
+    for provider, path in samples:
+        job, local = prepare(path, provider, {"measured": "test"})
+        assert local is not None
+        etag = storage.upload_file(local, *storage.parse_s3_uri(job.location))
+        here = measured_here(job, local, etag).document
+        try:
+            there = stages._measure(job)
+        except BadInput:
+            there = None
+        assert here == there, path.name
+    assert measured_here(job, local, None).document is None  # uploaded in parts: no ETag known, stage reads it

@@ -142,6 +142,7 @@ def test_a_listing_by_folders_at_once_gives_every_key_once_in_the_order_of_a_fla
 
 @pytest.mark.parametrize(("size_mb", "expected"), [(0.1, ["PutObject"]), (9, ["CreateMultipartUpload", "UploadPart", "UploadPart", "CompleteMultipartUpload"])])
 def test_a_local_file_goes_up_in_one_put_below_the_threshold_and_in_parts_above_it(stack, tmp_path, size_mb, expected):
+    stack.activate()
     source = tmp_path / "doc.bin"
     data = os.urandom(int(size_mb * storage.CHUNK))
     source.write_bytes(data)

@@ -14,6 +14,7 @@ def _named_connections(client: redis.Redis, name: str) -> int:
 
 
 def test_open_connections_leaves_that_many_connections_open_in_the_pool(stack):
+    stack.activate()
     name = "docpipe-warmup-test"
     pooled = redis.Redis.from_url(get_settings().redis_url, client_name=name)
     observer = redis.Redis.from_url(get_settings().redis_url)
@@ -27,7 +28,7 @@ def test_open_connections_leaves_that_many_connections_open_in_the_pool(stack):
 
 
 def test_warm_up_builds_the_providers_http_client_before_the_first_submit(stack):
-    get_runtime.cache_clear()
+    stack.activate()  # a runtime of its own, built afresh
     assert get_runtime().http_client is None  # built on first use, by default
     warm_up(threads=2)
     assert get_runtime().http_client is not None
