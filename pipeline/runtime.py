@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 import redis
+import redis.asyncio
 
 from pipeline.config import Settings, get_settings
 from pipeline.jobs import JobLedger
@@ -88,13 +89,22 @@ class Runtime:
 def redis_client(settings: Settings) -> redis.Redis:
     """Every docpipe Redis connection has socket timeouts: a Redis that vanished (a failover, a
     dropped NAT entry) fails the command after seconds instead of hanging a thread for good."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
+    return redis.Redis.from_url(settings.redis_url, **_connection_options(settings))
+
+
+def async_redis_client(settings: Settings) -> redis.asyncio.Redis:
+    """The same, for code on an event loop (the callback receiver's path to a freed slot): its
+    connections belong to the loop that first uses them."""
+    return redis.asyncio.Redis.from_url(settings.redis_url, **_connection_options(settings))
+
+
+def _connection_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
 
 
 @BuiltOnce

@@ -6,6 +6,7 @@ emulator's key the way the provider signs them (tests.tuputech_signing), or forg
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -135,20 +136,18 @@ def test_a_callback_redis_cannot_store_is_checked_by_reading_spooled_and_kept_on
     assert rt.leases.try_acquire(provider.lease_key(), job_id, 30, 60)
     spool = callbacks.Spool(tmp_path / "spool")
     monkeypatch.setattr(callbacks.Spool, "_default", spool)
-    keep = callbacks.keep
 
-    def refused(*_args, **_kwargs):
+    async def refused(*_args, **_kwargs):
         raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
 
-    monkeypatch.setattr(callbacks, "keep", refused)
+    monkeypatch.setattr(callbacks, "keep_async", refused)
     body = json.dumps(_signed(receiver, _payload(job_id, task_id))).encode()
-    assert callbacks.handle("tuputech", job_id, body).status_code == 200
+    assert asyncio.run(callbacks.handle("tuputech", job_id, body)).status_code == 200
     other = json.dumps(_signed(receiver, _payload(job_id, secrets.token_hex(16)))).encode()
-    assert callbacks.handle("tuputech", job_id, other).status_code == 409  # not this job's task: refused, not spooled
+    assert asyncio.run(callbacks.handle("tuputech", job_id, other)).status_code == 409  # not this job's task: refused, not spooled
     assert [p.name for p in (tmp_path / "spool").glob("*.json")] == [f"tuputech-{job_id}-{task_id}.json"]
     assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is None
 
-    monkeypatch.setattr(callbacks, "keep", keep)
     assert spool.drain() == 1
     assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is not None
     assert rt.redis.zscore(f"docpipe:lease:{provider.lease_key()}", job_id) is None  # its slot freed
