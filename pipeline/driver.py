@@ -192,7 +192,7 @@ def _execute(stage_name: str, job: Job) -> Next | None:
         if wait.turn:  # queued: the turns are spread already, and a late return wastes the slot
             return Next(stage_name, job.model_copy(update={"rate_turn": wait.turn}), wait.delay)
         # Spread the re-tries: waking every refused task at the same instant only refuses them again.
-        return Next(stage_name, job, wait.delay + random.uniform(0.0, 0.5))
+        return Next(stage_name, job, wait.delay + (random.uniform(0.0, 0.5) if wait.spread else 0.0))
     except DocpipeError as exc:
         if exc.provider_code is not None:
             metrics.PROVIDER_ERRORS.labels(job.provider, stage_name, str(exc.provider_code)).inc()

@@ -135,11 +135,14 @@ class RateWait(Exception):
     """Raised by the limiter when a token is further away than a worker should sleep.
 
     The task catches it and re-schedules itself ``delay`` seconds later; a caller that queues for
-    its send time keeps ``turn``, its place in the queue, for its next try.
+    its send time keeps ``turn``, its place in the queue, for its next try. ``spread`` adds up to
+    half a second: refused tasks re-tried at the same instant would only race for the same token
+    again; a slot's waiters (``LeaseSemaphore``) do not race, they block in line.
     """
 
-    def __init__(self, key: str, delay: float, *, turn: float | None = None) -> None:
+    def __init__(self, key: str, delay: float, *, turn: float | None = None, spread: bool = True) -> None:
         super().__init__(f"rate limit {key}: next token in {delay:.2f}s")
         self.key = key
         self.delay = delay
         self.turn = turn
+        self.spread = spread

@@ -466,13 +466,19 @@ class LeaseSemaphore:
         return bool(self._acquire(keys=[leases], args=[lease_id, limit, int(ttl * 1000)]))
 
     def acquire(self, key: str, lease_id: str, limit: int, ttl: float, *, max_wait: float) -> None:
-        """Take a lease, waiting up to ``max_wait`` for a release; then ``RateWait`` to re-schedule."""
+        """Take a lease, waiting up to ``max_wait`` for a release; then ``RateWait`` to re-schedule.
+
+        The re-scheduled task is due at once: ``max_wait`` is there to give the thread back to the
+        queue (where the later stages of other documents go first), not to keep the document out
+        of line. Away for a second, it let slots stand empty when it was the last one waiting:
+        the end of every batch that waits longer than ``max_wait``.
+        """
         leases, freed = self.keys(key)
         deadline = time.monotonic() + max_wait
         while not self.try_acquire(key, lease_id, limit, ttl):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RateWait(key, 1.0)
+                raise RateWait(key, 0.0, spread=False)
             # Woken by a release; the timeout also catches leases that simply expired.
             self._redis.blpop([freed], timeout=min(left, 0.5))
 

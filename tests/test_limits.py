@@ -283,3 +283,35 @@ def test_a_scaled_rate_is_never_above_the_scale_asked_for(rate, scale, expected)
 
     assert scaled(rate, scale) == expected
     assert expected.count / expected.per <= rate.count / rate.per * scale
+
+
+def test_a_slot_waiter_that_gives_up_is_due_again_at_once_and_takes_a_slot_freed_meanwhile(stack, monkeypatch):
+    """``lease_max_wait`` gives the thread back, not the document's place: its step is re-published
+    due now, unspread, and the slot freed while it was away is its own the moment it is back."""
+    from pipeline import driver
+    from pipeline.limits import LeaseSemaphore
+    from pipeline.models import Job
+
+    leases = LeaseSemaphore(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), prefix=f"test:lease:{time.time()}")
+    assert leases.try_acquire("acct", "holder", 1, 60)
+    started = time.monotonic()
+    try:
+        leases.acquire("acct", "waiter", 1, 60, max_wait=0.3)
+    except RateWait as wait:
+        gave_up = wait
+    else:
+        raise AssertionError("the only slot is held: the waiter must give up")
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert gave_up.delay == 0.0 and not gave_up.spread
+
+    def waiting_stage(job: Job) -> tuple[Job, float | None]:
+        raise gave_up
+
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "submit", waiting_stage)
+    job = Job(job_id="0" * 32, provider="tuputech", source="s3://b/k", location="s3://b/k")
+    step = driver._execute("submit", job)
+    assert step is not None and step.stage == "submit" and step.countdown == 0.0
+
+    leases.release("acct", "holder")
+    leases.acquire("acct", "waiter", 1, 60, max_wait=0.3)  # back in line: the freed slot is taken at once
+    assert leases.held("acct") == 1
