@@ -85,12 +85,12 @@ def accepted_request_id(text: str) -> str | None:
 
 class TuputechProvider(Provider):
     name: ClassVar[str] = "tuputech"
-    # The seed limits tasks in flight (30, the lease), and no request rate. A courtesy rate on
-    # submits put the limiter's send time, granted a few ms ahead so that the request leaves on
-    # it, on the path that refills a freed slot: 7 of its 25 ms (bench.concurrency).
-    limits: ClassVar[dict[str, Rate]] = {
-        "text": Rate(20, per=1.0),
-    }
+    # The seed limits tasks in flight (30, the lease), and no request rate; the tasks in flight
+    # pace every request that follows from them. Courtesy rates of our own cost more than they
+    # spared: on submits, the limiter's send time sat on the path that refills a freed slot (7 of
+    # its 25 ms); on page texts (20/s), a fetch refused a token slept for it in a worker thread,
+    # or re-ran later and downloaded its first pages again.
+    limits: ClassVar[dict[str, Rate]] = {}
     first_poll_delay: ClassVar[float] = 1.0  # polling is a Redis lookup, not a provider request
     uses_callbacks: ClassVar[bool] = True
 
