@@ -23,6 +23,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from functools import cache
@@ -34,6 +35,7 @@ import redis.asyncio
 from redis.commands.core import AsyncScript, Script
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -112,7 +114,33 @@ async def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
         return await run_in_threadpool(_spool, provider, job_id, callback, exc)
     except redis.RedisError:  # cannot even read: let the provider retry
         return JSONResponse({"error": "busy, retry"}, status_code=503)
-    return JSONResponse({"message": "ok"})  # the seed's own example answer (001, 4.4)
+    # The seed's own example answer (001, 4.4); the waiting step is woken once it has left.
+    return JSONResponse({"message": "ok"}, background=BackgroundTask(wake, job_id))
+
+
+def wake(job_id: str) -> bool:
+    """Hand the job's waiting step, whose result just came, to a message due now: it would
+    otherwise look when its poll schedule says, seconds or (learnt, or backed off) a minute
+    later, holding the finished document back from its archive. The message it had is fenced
+    off (``JobLedger.redrive``) and does nothing when it comes due. A step running now is left to
+    finish: it sees the result, or schedules its next look. Best effort: the poll is the net."""
+    rt = get_runtime()
+    try:
+        record = jobs.read(rt.redis, job_id)
+        if record.get("step") != "await" or record.get("holder") or not record.get("msg"):
+            return False
+        msg = str(uuid.uuid4())
+        handed = rt.ledger.redrive(job_id, record["msg"], msg)
+        if handed is None:
+            return False
+        from workers.tasks import publish  # the Celery app is only needed to send
+
+        step, payload = handed
+        publish(step, payload, msg, 0.0)
+    except Exception as exc:  # noqa: BLE001 - the step's own poll finds the result anyway
+        log.info("callback for %s: waiting step not woken (%s)", job_id, type(exc).__name__)
+        return False
+    return True
 
 
 def _spool(provider: Provider, job_id: str, callback: Callback, refusal: redis.ResponseError) -> JSONResponse:
@@ -290,6 +318,7 @@ class Spool:
             provider, callback = get_provider(entry["provider"]), Callback(**entry["callback"])
             try:
                 keep(provider, entry["job_id"], callback)
+                wake(entry["job_id"])
                 kept += 1
             except CallbackRejected as rejected:  # taken meanwhile (a retried delivery got in), or no longer wanted
                 log.info("spooled callback %s dropped: %s", path.name, rejected.reason)

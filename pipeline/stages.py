@@ -260,16 +260,12 @@ def await_result(job: Job) -> tuple[Job, float | None]:
     provider = get_provider(job.provider)
     learned = learned_schedule(job)
     overdue = provider.overdue_at(job) if learned is not None else None  # read once: it may cost a Redis read
-    if learned is not None:
-        schedule, predicted = learned
-        due = _no_later_than(overdue, submitted_at + schedule.poll_at(job.polls, predicted))
-        if job.last_polled_at is not None:
-            due = max(due, job.last_polled_at + MIN_POLL_GAP)
-        ask = due - LATENESS.typical()
-        if now < ask:
-            return _again_at(job, ask, now)
-    elif job.polls == 0 and now < submitted_at + _cold_first_delay(policy, job):
-        return _again_at(job, now + min(submitted_at + _cold_first_delay(policy, job) - now, RELEARN_EVERY), now)
+    # A callback provider's poll is a Redis lookup, and the receiver wakes this step when the
+    # result comes (``callbacks.wake``): it looks at once; the schedule only spaces the looks.
+    if not provider.uses_callbacks:
+        early = _not_yet(job, policy, learned, overdue, submitted_at, now)
+        if early is not None:
+            return early
     if policy.expired(submitted_at, now):
         last = f", last status {job.provider_status}" if job.provider_status else ""
         raise DeadlineExceeded(
@@ -316,6 +312,22 @@ def _no_later_than(overdue: float | None, due: float) -> float:
     hundreds of seconds after its bound (28 s) had passed, and ended that late. ``overdue`` is the
     provider's ``overdue_at``."""
     return due if overdue is None else min(due, overdue + MIN_POLL_GAP)
+
+
+def _not_yet(
+    job: Job, policy: PollPolicy, learned: tuple[LearnedSchedule, float] | None, overdue: float | None, submitted_at: float, now: float
+) -> tuple[Job, float | None] | None:
+    """The step again later, when the schedule says the next poll is not due yet; None to poll now."""
+    if learned is not None:
+        schedule, predicted = learned
+        due = _no_later_than(overdue, submitted_at + schedule.poll_at(job.polls, predicted))
+        if job.last_polled_at is not None:
+            due = max(due, job.last_polled_at + MIN_POLL_GAP)
+        ask = due - LATENESS.typical()
+        return _again_at(job, ask, now) if now < ask else None
+    if job.polls == 0 and now < submitted_at + _cold_first_delay(policy, job):
+        return _again_at(job, now + min(submitted_at + _cold_first_delay(policy, job) - now, RELEARN_EVERY), now)
+    return None
 
 
 def _cold_first_delay(policy: PollPolicy, job: Job) -> float:

@@ -102,6 +102,7 @@ def test_a_document_is_looked_at_again_by_its_providers_overdue_time_whatever_th
         overdue_at=lambda job: None if overdue_after is None else job.submitted_at + overdue_after,
         poll=lambda job: PollOutcome(done=False, detail="waiting"),
         first_poll_delay=1.0,
+        uses_callbacks=False,  # a polled provider: its schedule decides when to ask
     )
     monkeypatch.setattr(stages, "learned_schedule", lambda job: (far, 4.5))
     monkeypatch.setattr(stages, "get_provider", lambda name: provider)
@@ -137,7 +138,8 @@ def test_an_answer_whose_artifacts_wait_for_a_rate_token_is_kept_and_not_polled_
         return SimpleNamespace(raw=answer)
 
     provider = SimpleNamespace(
-        poll=lambda job: seen["polls"].append(job) or PollOutcome(done=True, status="5", answer=answer), fetch=fetch, first_poll_delay=1.0
+        poll=lambda job: seen["polls"].append(job) or PollOutcome(done=True, status="5", answer=answer), fetch=fetch, first_poll_delay=1.0,
+        uses_callbacks=False,
     )
     written: dict[str, bytes] = {}
     monkeypatch.setattr(stages, "get_provider", lambda name: provider)

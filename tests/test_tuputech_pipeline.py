@@ -145,3 +145,25 @@ def test_kill_9_of_a_worker_mid_batch_loses_nothing_and_leaks_no_lease(limited_s
     from pipeline.providers import get_provider
 
     assert get_runtime().leases.held(get_provider("tuputech").lease_key()) == 0
+
+
+# --- a callback wakes the step that waits for it ---------------------------------------------
+
+
+@pytest.mark.xdist_group("slow-polling")
+def test_a_callback_wakes_its_waiting_step_however_far_off_its_next_poll(tmp_path_factory, tmp_path):
+    """Polls a minute apart: the documents are archived within seconds of their callbacks, because
+    the receiver hands each waiting step to a message due now (``callbacks.wake``)."""
+    minute = {"DOCPIPE_POLL_FIRST_DELAY": "60", "DOCPIPE_POLL_BASE_DELAY": "60", "DOCPIPE_POLL_MAX_DELAY": "60", "DOCPIPE_POLL_POLICY": "backoff"}
+    local = LocalStack(tmp_path_factory.mktemp("slow-polling"), emulator_config={"tuputech": {"processing_min": 0.5, "processing_max": 1.5}}, settings=minute)
+    try:
+        local.start_base(["tuputech"], callbacks=True)
+        local.start_worker("w1", ["docpipe.tuputech"])
+        local.activate()
+        started = time.monotonic()
+        handles = [enqueue(s.path, provider="tuputech") for s in _reports(tmp_path, 3)]
+        for handle in handles:
+            handle.wait(timeout=40)  # without the wake: a minute after each submit
+        assert time.monotonic() - started < 40
+    finally:
+        local.stop()
