@@ -33,6 +33,7 @@ from pipeline.errors import BadInput
 from pipeline.runtime import BuiltOnce
 
 CHUNK = 1024 * 1024
+S3_CONNECTIONS = 50
 FINAL_NAMES = ("result.json", "error.json")
 
 
@@ -50,8 +51,15 @@ def _client(endpoint: str | None, region: str, key_id: str | None, secret: str |
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
         # Timeouts so that an S3 that stopped answering fails a request instead of hanging a thread.
+        # A pool as large as the threads that share the client: the receiver streams a download per
+        # thread (40), and past botocore's default of 10 each extra request opened a connection
+        # and threw it away ("Connection pool is full"), in the very burst that starts a batch.
         config=Config(
-            retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4", connect_timeout=5, read_timeout=60
+            retries={"max_attempts": 5, "mode": "standard"},
+            signature_version="s3v4",
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=S3_CONNECTIONS,
         ),
     )
 
