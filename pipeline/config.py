@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     lease_max_wait: float = Field(
         10.0,
         description="Longest wait for a concurrency slot in the worker thread (blocked on Redis, not the CPU); "
-        "a waiter already in line takes a freed slot within milliseconds.",
+        "a waiter already in line takes a freed slot within milliseconds, and one that waited this long gives its "
+        "thread back and is due again at once.",
     )
     lease_grace: float = Field(
         15.0,
