@@ -7,6 +7,7 @@ what is already done, and a finished archive is never overwritten: ``result.json
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import io
@@ -109,21 +110,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> str | None:
-    """Stream a local file up: one PUT below the multipart threshold, parts above it; the ETag
-    S3 gave the object when it went up in one PUT (None for parts).
+def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = None) -> None:
+    """Stream a local file up: one PUT below the multipart threshold, parts above it.
 
     Below it, not through boto3's ``upload_file``: its transfer manager starts a pool of
     threads for every call, which cost an enqueuer more CPU than the PUT itself.
     """
     s = settings or get_settings()
-    threshold = s.multipart_threshold_mb * CHUNK
-    if path.stat().st_size < threshold:
+    if path.stat().st_size < multipart_threshold(s):
         with path.open("rb") as body:
-            return str(s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)["ETag"]).strip('"')
-    config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=8 * CHUNK)
+            s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)
+        return
+    config = TransferConfig(multipart_threshold=multipart_threshold(s), multipart_chunksize=8 * CHUNK)
     s3_client(s).upload_file(str(path), bucket, key, Config=config)
-    return None
+
+
+def multipart_threshold(settings: Settings | None = None) -> int:
+    """Bytes from which an upload goes in parts (below it, one PUT)."""
+    return (settings or get_settings()).multipart_threshold_mb * CHUNK
+
+
+def put_small(bucket: str, key: str, data: bytes) -> str:
+    """One PUT of bytes held in memory (below the multipart threshold); the ETag S3 gave them."""
+    return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data)["ETag"]).strip('"')
 
 
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
@@ -172,10 +181,11 @@ def _get(bucket: str, key: str, etag: str | None, **kwargs: Any) -> dict[str, An
 class ReadWhole:
     """Small objects this process has just read whole, by (bucket, key, ETag), the last few only.
 
-    The stage reads a document's first 64 kB, which for most documents is all of it, and the
-    submit that follows (in the same thread now: ``driver.run_inline``) read it from S3 again
-    to send it: one GET of the eight each document cost (bench.overhead), where S3 was the
-    bound. Kept under its ETag, an entry is exactly the version a pinned read would get (a
+    The steps of one document read it more than once in a row, in the same thread
+    (``driver.run_inline``): the stage its first 64 kB, which for most documents is all of it
+    (or, for a local file its enqueuer measured, baidu's ``check`` the whole of it), then the
+    submit, to send it. Each read was a GET of the eight a document cost (bench.overhead), where
+    S3 was the bound. Kept under its ETag, an entry is exactly the version a pinned read would get (a
     replaced object has another ETag and misses); bounded in count and size, it holds no
     more than ``entries`` x ``max_bytes``, and a miss reads S3 as before.
     """
@@ -235,16 +245,22 @@ def read_range(bucket: str, key: str, start: int, end: int, etag: str | None = N
 
 
 def iter_object(bucket: str, key: str, chunk_size: int = CHUNK, etag: str | None = None) -> Iterator[bytes]:
-    """The object in chunks, streamed from S3; from memory when this version was just read whole."""
+    """The object in chunks, streamed from S3; from memory when this version was just read whole
+    (and a small one is kept, read whole, for the next read of it)."""
     kept = READ_WHOLE.get(bucket, key, etag)
-    if kept is not None:
-        yield from (kept[at : at + chunk_size] for at in range(0, len(kept), chunk_size))
-        return
-    body = _get(bucket, key, etag)["Body"]
-    try:
-        yield from body.iter_chunks(chunk_size)
-    finally:
-        body.close()
+    if kept is None:
+        response = _get(bucket, key, etag)
+        body = response["Body"]
+        if int(response.get("ContentLength", READ_WHOLE.max_bytes + 1)) > READ_WHOLE.max_bytes:
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+            return
+        with contextlib.closing(body):
+            kept = body.read()
+        READ_WHOLE.keep(bucket, key, str(response.get("ETag", "")).strip('"') or None, kept)
+    yield from (kept[at : at + chunk_size] for at in range(0, len(kept), chunk_size))
 
 
 class SourceUnreadable(Exception):

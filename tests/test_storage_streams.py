@@ -112,6 +112,18 @@ def test_a_small_object_read_whole_is_served_again_from_memory_for_its_version_o
     assert "NoSuchKey" in str(missed.value) or "PreconditionFailed" in str(missed.value) or "Changed" in type(missed.value).__name__
 
 
+def test_a_small_object_streamed_whole_is_kept_for_the_next_read_of_its_version(stack):
+    """A local file its enqueuer measured is first read by baidu's check, whole, then by the submit."""
+    stack.activate()
+    bucket, key = get_settings().staging_bucket, "test-streams/small-streamed.pdf"
+    client = storage.s3_client()
+    data = os.urandom(3000)
+    etag = client.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+    assert b"".join(storage.iter_object(bucket, key, chunk_size=1000, etag=etag)) == data
+    client.delete_object(Bucket=bucket, Key=key)
+    assert b"".join(storage.iter_object(bucket, key, chunk_size=1000, etag=etag)) == data  # from memory: S3 has it no more
+
+
 def test_only_small_objects_are_kept_and_only_the_last_few():
     kept = storage.ReadWhole(entries=2, max_bytes=10)
     kept.keep("b", "big", "e", b"x" * 11)
