@@ -11,7 +11,6 @@ round trips, and done one after another they, not the providers, would pace a bi
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import deque
@@ -114,27 +113,28 @@ def prepare(source: str | Path, provider: str, options: dict[str, Any] | None = 
     return Job(job_id=job_id, provider=provider, source=str(path), location=location, options=options), path
 
 
-def measured_here(job: Job, path: Path, etag: str | None) -> Job:
-    """The job with what its bytes are (``Job.document``), measured from the local file just
-    uploaded as ``etag``, so that its stage step need not read them back from S3.
+def stage_local_file(job: Job, path: Path) -> Job:
+    """Upload a local file to its staging key. A small one is read once and measured from the bytes
+    that went up (``Job.document``, pinned to the ETag S3 gave them), so that its stage step need
+    not read them back; a large one goes up in parts and is measured by its stage step.
 
-    Only a document that passes: one that does not is left to the stage step, which reads it
-    from S3 and says why in the document's ``error.json``, as for any other source.
+    Only a document that passes is measured here: one that does not is left to the stage step,
+    which reads it from S3 and says why in the document's ``error.json``, as for any source.
     """
-    if etag is None:
-        return job
     bucket, key = storage.parse_s3_uri(job.location)
-    with path.open("rb") as fh:
+    if path.stat().st_size >= storage.multipart_threshold():
+        storage.upload_file(path, bucket, key)
+        return job
+    data = path.read_bytes()
+    etag = storage.put_small(bucket, key, data)
 
-        def read_range(start: int, end: int) -> bytes:
-            fh.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
-            return fh.read(-start if start < 0 else end - start + 1)
+    def read_range(start: int, end: int) -> bytes:
+        return data[start:] if start < 0 else data[start : end + 1]
 
-        head = fh.read(sniff.HEAD_BYTES)
-        try:
-            document = stages.describe(job, bucket, key, head, os.fstat(fh.fileno()).st_size, etag, read_range)
-        except BadInput:
-            return job
+    try:
+        document = stages.describe(job, bucket, key, data[: sniff.HEAD_BYTES], len(data), etag, read_range)
+    except BadInput:
+        return job
     return job.model_copy(update={"document": document})
 
 
@@ -171,8 +171,7 @@ def enqueue(
         return JobHandle(job.job_id, provider, job.source, skipped=True)
     if local_file is not None:
         # The key is derived from the content, so a copy left by an earlier attempt holds the same bytes.
-        etag = storage.upload_file(local_file, *storage.parse_s3_uri(job.location))
-        job = measured_here(job, local_file, etag)
+        job = stage_local_file(job, local_file)
     msg = str(uuid.uuid4())
     payload = job.model_dump(mode="json")
     started = rt.ledger.start(

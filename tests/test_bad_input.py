@@ -159,10 +159,11 @@ def test_keys_with_spaces_unicode_and_percent_are_ingested_like_any_other(stack,
     assert sorted(r.document.key for r in results) == sorted(keys)
 
 
-def test_a_local_file_is_measured_where_it_is_uploaded_exactly_as_stage_measures_it_from_s3(stack, docs):
-    """The enqueuer describes what it uploads so that the stage need not read it back; for every
-    kind of file it must say what stage would, and leave a file stage refuses to stage."""
-    from pipeline.enqueue import measured_here, prepare
+def test_a_local_file_is_measured_where_it_is_uploaded_exactly_as_stage_measures_it_from_s3(stack, docs, monkeypatch):
+    """The enqueuer describes the bytes it uploads so that the stage need not read them back; for
+    every kind of file it must say what stage would of the object in S3, and leave a file stage
+    refuses to stage."""
+    from pipeline.enqueue import prepare, stage_local_file
 
     stack.activate()
     large_png = docs / "large.png"
@@ -180,14 +181,20 @@ def test_a_local_file_is_measured_where_it_is_uploaded_exactly_as_stage_measures
         ("baidu", empty),
     ]
     assert min(large_png.stat().st_size, large_pdf.stat().st_size) > 64 * 1024
+    measured = 0
     for provider, path in samples:
         job, local = prepare(path, provider, {"measured": "test"})
         assert local is not None
-        etag = storage.upload_file(local, *storage.parse_s3_uri(job.location))
-        here = measured_here(job, local, etag).document
+        here = stage_local_file(job, local).document
         try:
             there = stages._measure(job)
         except BadInput:
             there = None
         assert here == there, path.name
-    assert measured_here(job, local, None).document is None  # uploaded in parts: no ETag known, stage reads it
+        measured += here is not None
+    assert measured == 4
+    # A file that goes up in parts is measured by its stage step, from S3.
+    monkeypatch.setattr(storage, "multipart_threshold", lambda settings=None: 1024)
+    job, local = prepare(docs / "report.pdf", "tuputech", {"measured": "in parts"})
+    assert stage_local_file(job, local).document is None
+    assert stages._measure(job).size == local.stat().st_size
