@@ -10,8 +10,9 @@ window, a nonce seen before.
 
 On acceptance the task's concurrency slot is freed at once (a provider calls back once it has
 finished, so the slot is free on its side too) and its processing time is noted: the longest
-recent one bounds how long a task without a callback keeps its slot. The answer goes back at
-once (the provider gives us 5 s); the waiting step finds the result at its next look.
+recent one bounds how long a task without a callback keeps its slot, all in one round trip. The
+answer goes back at once (the provider gives us 5 s), and the step waiting for the result is
+then woken (``wake``); one a worker was running meanwhile finds it at its next look.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pipeline import jobs, links
 from pipeline.providers import get_provider, provider_names
 from pipeline.limits import free_slot_lua
 from pipeline.providers.base import Callback, CallbackRejected, Provider
-from pipeline.runtime import BuiltOnce, async_redis_client, get_runtime
+from pipeline.runtime import async_redis_client, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,10 @@ async def receive(request: Request) -> JSONResponse:
         body += chunk
         if len(body) > cap:
             return JSONResponse({"error": "body too large"}, status_code=413)
-    return await handle(name, job_id, bytes(body))
+    return await handle(name, job_id, bytes(body), request.app.state.redis)
 
 
-async def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
+async def handle(name: str, job_id: str, body: bytes, client: redis.asyncio.Redis) -> JSONResponse:
     """Verify, check, keep and free the slot on the event loop: the waiting submit's slot is freed
     without a hop to a thread (which link downloads kept busy: up to 25 ms in bench.concurrency's
     trace). Only a Redis that refuses writes sends the rest to a thread."""
@@ -106,12 +107,15 @@ async def handle(name: str, job_id: str, body: bytes) -> JSONResponse:
     try:
         callback = provider.open_callback(body)
         _check_signed_fields(job_id, callback)
-        await keep_async(provider, job_id, callback)
+        await keep_async(provider, job_id, callback, client)
     except CallbackRejected as rejected:
         log.warning("callback for %s/%s refused (%d): %s", name, job_id, rejected.status, rejected.reason)
         return JSONResponse({"error": rejected.reason}, status_code=rejected.status)
-    except redis.ResponseError as exc:
+    except WRITES_REFUSED as exc:
         return await run_in_threadpool(_spool, provider, job_id, callback, exc)
+    except redis.ResponseError as exc:  # not Redis refusing writes: nothing to spool; the provider retries
+        log.error("callback for %s/%s not kept: Redis answered %s", name, job_id, type(exc).__name__)
+        return JSONResponse({"error": "busy, retry"}, status_code=503)
     except redis.RedisError:  # cannot even read: let the provider retry
         return JSONResponse({"error": "busy, retry"}, status_code=503)
     # The seed's own example answer (001, 4.4); the waiting step is woken once it has left.
@@ -126,11 +130,11 @@ def wake(job_id: str) -> bool:
     finish: it sees the result, or schedules its next look. Best effort: the poll is the net."""
     rt = get_runtime()
     try:
-        record = jobs.read(rt.redis, job_id)
-        if record.get("step") != "await" or record.get("holder") or not record.get("msg"):
+        current = rt.redis.hget(jobs.key(job_id), "msg")
+        if not current:
             return False
         msg = str(uuid.uuid4())
-        handed = rt.ledger.redrive(job_id, record["msg"], msg)
+        handed = rt.ledger.redrive(job_id, current.decode(), msg, waiting_at="await")
         if handed is None:
             return False
         from workers.tasks import publish  # the Celery app is only needed to send
@@ -143,7 +147,12 @@ def wake(job_id: str) -> bool:
     return True
 
 
-def _spool(provider: Provider, job_id: str, callback: Callback, refusal: redis.ResponseError) -> JSONResponse:
+# What Redis answers while it refuses writes (out of memory, a read-only replica), a script's
+# writes included: the callbacks that come meanwhile are spooled to disk.
+WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+
+
+def _spool(provider: Provider, job_id: str, callback: Callback, refusal: redis.RedisError) -> JSONResponse:
     """Redis refuses writes (OOM, a read-only replica): check what can be read and keep the callback
     on disk, since the provider retries only for seconds; the spool is drained into Redis when it
     accepts writes again."""
@@ -223,11 +232,6 @@ def _keep_script(client: redis.Redis) -> Script:
     return client.register_script(_KEEP)
 
 
-@BuiltOnce
-def _async_client(url: str) -> redis.asyncio.Redis:
-    return async_redis_client(get_runtime().settings)
-
-
 @cache
 def _async_keep_script(client: redis.asyncio.Redis) -> AsyncScript:
     return client.register_script(_KEEP)
@@ -242,10 +246,10 @@ def keep(provider: Provider, job_id: str, callback: Callback) -> None:
     _kept(provider, job_id, callback, _keep_script(get_runtime().redis)(keys=keys, args=args))
 
 
-async def keep_async(provider: Provider, job_id: str, callback: Callback) -> None:
-    """``keep``, on the event loop."""
+async def keep_async(provider: Provider, job_id: str, callback: Callback, client: redis.asyncio.Redis) -> None:
+    """``keep``, on the event loop, with its own client (``create_app``'s)."""
     keys, args = _keep_call(provider, job_id, callback)
-    script = _async_keep_script(_async_client(get_runtime().settings.redis_url))
+    script = _async_keep_script(client)
     _kept(provider, job_id, callback, await script(keys=keys, args=args))
 
 
@@ -322,8 +326,15 @@ class Spool:
                 kept += 1
             except CallbackRejected as rejected:  # taken meanwhile (a retried delivery got in), or no longer wanted
                 log.info("spooled callback %s dropped: %s", path.name, rejected.reason)
+            except redis.ResponseError as exc:
+                if isinstance(exc, WRITES_REFUSED):
+                    return kept  # still refused: try again later
+                # Refused for itself, not for Redis' state: set aside, so that it holds no other back.
+                path.rename(path.with_suffix(".refused"))
+                log.error("spooled callback %s set aside as %s: Redis answered %s", path.name, path.with_suffix(".refused").name, exc)
+                continue
             except redis.RedisError:
-                return kept  # still refused: try again later
+                return kept  # Redis away: try again later
             path.unlink()
         return kept
 
@@ -356,5 +367,10 @@ def create_app() -> Starlette:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    """The receiver's Redis client for its event loop (its connections belong to that loop), and the spool's drainer."""
+    app.state.redis = async_redis_client(get_runtime().settings)
     Spool.default().start()
-    yield
+    try:
+        yield
+    finally:
+        await app.state.redis.aclose()

@@ -155,7 +155,7 @@ def run_inline(stage_name: str, job: Job) -> tuple[list[str], Next | None]:
 
     Nothing is handed on between the inline stages, so a worker that dies midway leaves the
     job with the message it claimed: that message comes back and runs the same stages
-    again, each of which is idempotent (stage reads; submit reuses the task id its record
+    again, each of which is idempotent (stage measures; submit reuses the task id its record
     names or its ``sending_at`` settles; a poll looks; fetch parks; archive commits once).
     """
     ran = [stage_name]

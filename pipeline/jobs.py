@@ -253,15 +253,16 @@ return 1
 """
 
 
-# KEYS: record, active. ARGV: expected msg, new msg, now, grace, job_id.
-# Hands a job that stopped moving to a new message; returns its step and payload to publish.
+# KEYS: record, active. ARGV: expected msg, new msg, now, grace, job_id, and a step the job must
+# be waiting at, held by no worker ('' for any step, held or not: a dead worker's).
+# Hands a job's step to a new message; returns its step and payload to publish.
 _REDRIVE = """
-if redis.call('HGET', KEYS[1], 'msg') ~= ARGV[1] then
+local f = redis.call('HMGET', KEYS[1], 'msg', 'step', 'payload', 'holder')
+local step, payload = f[2], f[3]
+if f[1] ~= ARGV[1] or not step or not payload then
   return false
 end
-local step = redis.call('HGET', KEYS[1], 'step')
-local payload = redis.call('HGET', KEYS[1], 'payload')
-if not step or not payload then
+if ARGV[6] ~= '' and (step ~= ARGV[6] or (f[4] and f[4] ~= '')) then
   return false
 end
 redis.call('HSET', KEYS[1], 'msg', ARGV[2], 'holder', '', 'due', ARGV[3], 'updated_at', ARGV[3])
@@ -452,9 +453,12 @@ class JobLedger:
         since (False: it runs)."""
         return bool(self._abandon(keys=[key(job_id), ACTIVE], args=[msg, job_id]))
 
-    def redrive(self, job_id: str, expected_msg: str, new_msg: str) -> tuple[str, dict[str, Any]] | None:
-        """Give a stuck job's step to ``new_msg`` if ``expected_msg`` still owns it: (step, payload) to publish."""
-        answer = self._redrive(keys=[key(job_id), ACTIVE], args=[expected_msg, new_msg, time.time(), self.grace, job_id])
+    def redrive(self, job_id: str, expected_msg: str, new_msg: str, *, waiting_at: str = "") -> tuple[str, dict[str, Any]] | None:
+        """Give a job's step to ``new_msg`` if ``expected_msg`` still owns it: (step, payload) to publish.
+
+        A stuck job's (the reconciler's: its holder may be a dead worker); with ``waiting_at``, only
+        a job waiting at that step that no worker holds (a step running now is left to finish)."""
+        answer = self._redrive(keys=[key(job_id), ACTIVE], args=[expected_msg, new_msg, time.time(), self.grace, job_id, waiting_at])
         if not answer:
             return None
         step, payload = (part.decode() if isinstance(part, bytes) else part for part in answer)

@@ -138,13 +138,13 @@ def test_a_callback_redis_cannot_store_is_checked_by_reading_spooled_and_kept_on
     monkeypatch.setattr(callbacks.Spool, "_default", spool)
 
     async def refused(*_args, **_kwargs):
-        raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
 
     monkeypatch.setattr(callbacks, "keep_async", refused)
     body = json.dumps(_signed(receiver, _payload(job_id, task_id))).encode()
-    assert asyncio.run(callbacks.handle("tuputech", job_id, body)).status_code == 200
+    assert asyncio.run(callbacks.handle("tuputech", job_id, body, None)).status_code == 200
     other = json.dumps(_signed(receiver, _payload(job_id, secrets.token_hex(16)))).encode()
-    assert asyncio.run(callbacks.handle("tuputech", job_id, other)).status_code == 409  # not this job's task: refused, not spooled
+    assert asyncio.run(callbacks.handle("tuputech", job_id, other, None)).status_code == 409  # not this job's task: refused, not spooled
     assert [p.name for p in (tmp_path / "spool").glob("*.json")] == [f"tuputech-{job_id}-{task_id}.json"]
     assert rt.redis.get(f"docpipe:callback:tuputech:{task_id}") is None
 
@@ -153,3 +153,27 @@ def test_a_callback_redis_cannot_store_is_checked_by_reading_spooled_and_kept_on
     assert rt.redis.zscore(f"docpipe:lease:{provider.lease_key()}", job_id) is None  # its slot freed
     assert list((tmp_path / "spool").glob("*.json")) == []
     assert spool.drain() == 0
+
+
+def test_a_callback_wakes_a_step_waiting_at_await_and_no_step_a_worker_holds(receiver, monkeypatch):
+    """``wake`` hands the waiting step to a message due now and fences the old one off; a step
+    some worker is running, or a job not yet waiting for its result, is left alone."""
+    import workers.tasks
+
+    rt = get_runtime()
+    published = []
+    monkeypatch.setattr(workers.tasks, "publish", lambda step, payload, msg, countdown: published.append((step, payload["job_id"], msg, countdown)))
+    job_id, first, waiting = _job(), str(uuid.uuid4()), str(uuid.uuid4())
+    payload = {"job_id": job_id, "provider": "tuputech", "source": "s3://b/k.pdf", "location": "s3://b/k.pdf"}
+    assert rt.ledger.start(job_id, first, "submit", payload, provider="tuputech", source="s3://b/k.pdf")
+    assert not callbacks.wake(job_id) and published == []  # still at submit: not waiting for a result
+
+    assert rt.ledger.claim(job_id, first, "worker-a") == "ok"
+    assert rt.ledger.advance(job_id, first, waiting, "await", payload, time.time() + 60, "worker-a")
+    assert callbacks.wake(job_id)
+    [(step, woken_job, msg, countdown)] = published
+    assert (step, woken_job, countdown) == ("await", job_id, 0.0) and msg != waiting
+    assert rt.ledger.claim(job_id, waiting, "worker-b") == "stale"  # the old message, when it comes due, does nothing
+
+    assert rt.ledger.claim(job_id, msg, "worker-b") == "ok"  # now a worker runs the step
+    assert not callbacks.wake(job_id) and len(published) == 1
