@@ -10,7 +10,7 @@ every batch (and every restart) waited for them while the provider's slots stood
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -22,18 +22,22 @@ log = logging.getLogger(__name__)
 
 
 def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1) -> None:
-    """Build the runtime, its HTTP client, the S3 client, each provider, and a Redis
-    connection for each of ``threads``; an outage here is logged, not fatal."""
-    try:
-        rt = get_runtime()
-        rt.redis.ping()
-        open_connections(rt.redis, threads)
-        rt.http  # noqa: B018 - built on first use; here, before the first use is a submit
-        storage.s3_client()
-        for name in providers if providers is not None else provider_names():
-            get_provider(name).warm_up()
-    except Exception as exc:  # the first task will meet the same outage and retry; do not kill the worker
-        log.warning("warm-up incomplete (%s); the first tasks will build what is missing", type(exc).__name__)
+    """Build the runtime, a Redis connection for each of ``threads``, the HTTP client, the S3
+    client and each provider; each one apart, so that an outage of one is logged and the rest
+    are still built."""
+    rt = get_runtime()
+    builds: list[tuple[str, Callable[[], object]]] = [
+        ("redis", lambda: open_connections(rt.redis, threads)),
+        ("http client", lambda: rt.http),  # built on first use; here, before the first use is a submit
+        ("s3 client", storage.s3_client),
+    ]
+    for name in providers if providers is not None else provider_names():
+        builds.append((name, lambda name=name: get_provider(name).warm_up()))
+    for what, build in builds:
+        try:
+            build()
+        except Exception as exc:  # the first task will meet the same outage and retry; do not kill the worker
+            log.warning("warm-up of the %s incomplete (%s); the first tasks will build it", what, type(exc).__name__)
 
 
 def open_connections(client: redis.Redis, count: int) -> int:

@@ -285,9 +285,9 @@ def test_a_scaled_rate_is_never_above_the_scale_asked_for(rate, scale, expected)
     assert expected.count / expected.per <= rate.count / rate.per * scale
 
 
-def test_a_slot_waiter_that_gives_up_is_due_again_at_once_and_takes_a_slot_freed_meanwhile(stack, monkeypatch):
+def test_a_slot_waiter_that_gives_up_is_due_again_at_once(stack, monkeypatch):
     """``lease_max_wait`` gives the thread back, not the document's place: its step is re-published
-    due now, unspread, and the slot freed while it was away is its own the moment it is back."""
+    due now, unspread, not a second later (when the slots freed meanwhile stood empty)."""
     from pipeline import driver
     from pipeline.limits import LeaseSemaphore
     from pipeline.models import Job
@@ -311,7 +311,3 @@ def test_a_slot_waiter_that_gives_up_is_due_again_at_once_and_takes_a_slot_freed
     job = Job(job_id="0" * 32, provider="tuputech", source="s3://b/k", location="s3://b/k")
     step = driver._execute("submit", job)
     assert step is not None and step.stage == "submit" and step.countdown == 0.0
-
-    leases.release("acct", "holder")
-    leases.acquire("acct", "waiter", 1, 60, max_wait=0.3)  # back in line: the freed slot is taken at once
-    assert leases.held("acct") == 1
