@@ -209,6 +209,7 @@ local f = redis.call('HMGET', KEYS[2], 'provider_task_id', 'sending_at', 'submit
 local recorded, sending, submitted = f[1], f[2], f[3]
 if recorded == '' then recorded = false end
 if sending == '' then sending = false end
+if submitted == '' then submitted = false end
 if recorded ~= ARGV[1] and not (not recorded and sending) then return {'not_waited_for', 0} end
 redis.call('SET', KEYS[3], ARGV[2], 'NX', 'EX', ARGV[3])
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[4])
@@ -240,14 +241,14 @@ def _async_keep_script(client: redis.asyncio.Redis) -> AsyncScript:
 def keep(provider: Provider, job_id: str, callback: Callback) -> None:
     """Store the result under its task, remember the nonce, adopt a task whose submit lost its
     answer, note how long the task took, and free its slot; ``CallbackRejected`` for a replay or
-    a task the job is not waiting for, with nothing written. A ``redis.ResponseError`` says Redis
-    refused the writes."""
+    a task the job is not waiting for, with nothing written. ``WRITES_REFUSED`` says Redis refused
+    the writes."""
     keys, args = _keep_call(provider, job_id, callback)
     _kept(provider, job_id, callback, _keep_script(get_runtime().redis)(keys=keys, args=args))
 
 
 async def keep_async(provider: Provider, job_id: str, callback: Callback, client: redis.asyncio.Redis) -> None:
-    """``keep``, on the event loop, with its own client (``create_app``'s)."""
+    """``keep``, on the event loop, with the receiver's own client (``_lifespan``'s)."""
     keys, args = _keep_call(provider, job_id, callback)
     script = _async_keep_script(client)
     _kept(provider, job_id, callback, await script(keys=keys, args=args))

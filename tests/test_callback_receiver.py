@@ -177,3 +177,41 @@ def test_a_callback_wakes_a_step_waiting_at_await_and_no_step_a_worker_holds(rec
 
     assert rt.ledger.claim(job_id, msg, "worker-b") == "ok"  # now a worker runs the step
     assert not callbacks.wake(job_id) and len(published) == 1
+
+
+@pytest.mark.parametrize(
+    ("record", "nonce_seen", "kept"),
+    [
+        ({"provider_task_id": "THIS"}, False, True),
+        ({"provider_task_id": "THIS"}, True, False),  # a replay
+        ({"provider_task_id": "ANOTHER"}, False, False),  # an earlier attempt's task
+        ({"sending_at": "1.0"}, False, True),  # a submit that lost its answer: adopted
+        ({"provider_task_id": "", "sending_at": "1.0"}, False, True),
+        ({}, False, False),  # no submit ever left
+        ({"sending_at": ""}, False, False),
+    ],
+)
+def test_the_read_only_check_refuses_exactly_what_the_keeping_script_refuses(receiver, record, nonce_seen, kept):
+    """``_check_by_reading`` decides, while Redis refuses writes, which callbacks to spool; the
+    script decides the rest of the time. The same record must get the same answer from both."""
+    from pipeline.providers.base import Callback, CallbackRejected
+
+    rt, provider = get_runtime(), get_provider("tuputech")
+    job_id, task_id, nonce = _job(), secrets.token_hex(16), str(secrets.randbelow(10**10))
+    fields = {k: (task_id if v == "THIS" else v) for k, v in record.items()}
+    if fields:
+        jobs.record(rt.redis, job_id, **fields)
+    if nonce_seen:
+        rt.redis.set(f"docpipe:callback-nonce:tuputech:{nonce}", "1", ex=60)
+    callback = Callback(task_id=task_id, job_id=job_id, timestamp=time.time(), nonce=nonce, payload=_payload(job_id, task_id))
+    try:
+        callbacks._check_by_reading(provider, job_id, callback)
+        by_reading = True
+    except CallbackRejected:
+        by_reading = False
+    try:
+        callbacks.keep(provider, job_id, callback)
+        by_script = True
+    except CallbackRejected:
+        by_script = False
+    assert (by_reading, by_script) == (kept, kept)
