@@ -118,8 +118,7 @@ def upload_file(path: Path, bucket: str, key: str, settings: Settings | None = N
     """
     s = settings or get_settings()
     if path.stat().st_size < multipart_threshold(s):
-        with path.open("rb") as body:
-            s3_client(s).put_object(Bucket=bucket, Key=key, Body=body)
+        put_small(bucket, key, path.read_bytes(), s)
         return
     config = TransferConfig(multipart_threshold=multipart_threshold(s), multipart_chunksize=8 * CHUNK)
     s3_client(s).upload_file(str(path), bucket, key, Config=config)
@@ -130,9 +129,9 @@ def multipart_threshold(settings: Settings | None = None) -> int:
     return (settings or get_settings()).multipart_threshold_mb * CHUNK
 
 
-def put_small(bucket: str, key: str, data: bytes) -> str:
+def put_small(bucket: str, key: str, data: bytes, settings: Settings | None = None) -> str:
     """One PUT of bytes held in memory (below the multipart threshold); the ETag S3 gave them."""
-    return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data)["ETag"]).strip('"')
+    return str(s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data)["ETag"]).strip('"')
 
 
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
