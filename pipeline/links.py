@@ -8,11 +8,14 @@ receiver checks it, and streams the staged object from S3 with its own credentia
 single ranges included, pinned to the ETag that ``stage`` measured, so the provider gets
 exactly the bytes docpipe checked.
 
-Where the object is (bucket, key, ETag, format) travels in the link itself, sealed: encrypted
+Where the object is (bucket, key, ETag, size, format) travels in the link itself, sealed: encrypted
 and authenticated (AES-GCM) with a deployment key, bound to the job id and the expiry. The
 provider learns nothing from it and cannot change a byte of it, and the receiver needs no
 Redis to serve it: a provider that downloads while Redis restarts gets its document (it used
-to get a 500, and after its three tries failed the document with code 14). The key is the
+to get a 500, and after its three tries failed the document with code 14). A HEAD is answered
+from the seal alone, with the size and ETag ``stage`` measured: it costs no S3 request (one per
+document, in the burst where every first document is downloaded at once), and the GET that
+follows is still pinned to the ETag, so an object changed since staging is refused there. The key is the
 setting ``DOCPIPE_LINK_SECRET``, or else one random key per deployment kept in Redis (made
 once, shared by every worker and receiver, read once per process).
 """
@@ -28,6 +31,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from botocore.exceptions import ClientError
 from cryptography.exceptions import InvalidTag
@@ -80,13 +84,13 @@ def _sealer() -> AESGCM:
     return AESGCM(hashlib.sha256(b"docpipe document links\n" + _secret()).digest())
 
 
-def _seal(job_id: str, expires: int, where: dict[str, str]) -> str:
+def _seal(job_id: str, expires: int, where: dict[str, Any]) -> str:
     nonce = secrets.token_bytes(12)
     sealed = _sealer().encrypt(nonce, json.dumps(where, separators=(",", ":")).encode(), f"{job_id}\n{expires}".encode())
     return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 
 
-def _unseal(job_id: str, expires: int, token: str) -> dict[str, str] | None:
+def _unseal(job_id: str, expires: int, token: str) -> dict[str, Any] | None:
     """The object's location, or None for a token this deployment did not seal for this job and expiry."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -100,7 +104,8 @@ def document_link(job: Job, lifetime: float) -> str:
     document = job.document
     assert document is not None
     expires = int(time.time() + lifetime)
-    token = _seal(job.job_id, expires, {"b": document.bucket, "k": document.key, "e": document.etag or "", "f": document.format})
+    where = {"b": document.bucket, "k": document.key, "e": document.etag or "", "s": document.size, "f": document.format}
+    token = _seal(job.job_id, expires, where)
     base = get_runtime().settings.callback_base_url.rstrip("/")
     name = f"document.{FORMAT_EXTENSIONS.get(document.format, document.format)}"
     return f"{base}/documents/{job.job_id}/{expires}/{token}/{name}"
@@ -144,11 +149,16 @@ async def serve_document(request: Request) -> Response:
     wait sleeps on the event loop, not in a thread: thirty waiting downloads held the receiver's
     threads, and the callbacks that came meanwhile found none.
     """
+    opened = _open(request)
+    if isinstance(opened, Response):
+        return opened
+    if request.method == "HEAD" and opened.get("e") and isinstance(opened.get("s"), int):
+        return _head_from_seal(opened)
     deadline = time.monotonic() + get_settings().link_outage_wait
     delay, waited = 0.5, False
     while True:
         try:
-            answer = await run_in_threadpool(_serve, request)
+            answer = await run_in_threadpool(_answer, request, opened)
         except Exception as exc:
             if not is_outage(exc) or time.monotonic() + delay > deadline:
                 raise
@@ -172,7 +182,8 @@ def _note_late_download(job_id: str) -> None:
         log.info("document link of %s: late download not noted (%s)", job_id, type(exc).__name__)
 
 
-def _serve(request: Request) -> Response:
+def _open(request: Request) -> dict[str, Any] | Response:
+    """The sealed location of a well-formed, unexpired link of ours; else the refusal (no S3 request)."""
     job_id, expires_text, token = (request.path_params[k] for k in ("job_id", "expires", "signature"))
     if not _JOB_ID.fullmatch(job_id) or not expires_text.isdigit() or len(token) > MAX_TOKEN:
         return _refused(404, "not found")
@@ -182,10 +193,16 @@ def _serve(request: Request) -> Response:
     where = _unseal(job_id, expires, token)
     if not where or not where.get("b") or not where.get("k"):
         return _refused(403, "bad signature")
-    return _answer(request, where)
+    return where
 
 
-def _answer(request: Request, where: dict[str, str]) -> Response:
+def _head_from_seal(where: dict[str, Any]) -> Response:
+    """What S3's HEAD would say of the object as staged (links sealed before the size was sealed ask S3)."""
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(where["s"]), "ETag": f'"{where["e"]}"'}
+    return Response(status_code=200, headers=headers, media_type=MEDIA_TYPES.get(where.get("f", ""), "application/octet-stream"))
+
+
+def _answer(request: Request, where: dict[str, Any]) -> Response:
     bucket, key, etag = where["b"], where["k"], where.get("e", "")
     pinned = {"IfMatch": f'"{etag}"'} if etag else {}
     media_type = MEDIA_TYPES.get(where.get("f", ""), "application/octet-stream")

@@ -68,10 +68,28 @@ def test_tampered_expired_and_foreign_links_are_refused(staged):
 
 
 def test_a_document_changed_after_staging_is_not_served(staged):
+    """The GET is pinned to the staged ETag. The HEAD before it answers from the seal (what was
+    staged), so the provider learns of the change from the download it then attempts."""
     link = links.document_link(staged, lifetime=600)
     storage.s3_client().put_object(Bucket=staged.document.bucket, Key=staged.document.key, Body=b"other bytes")
     assert httpx.get(link).status_code == 410
-    assert httpx.head(link).status_code == 410
+    assert httpx.get(link, headers={"Range": "bytes=0-9"}).status_code == 410
+    head = httpx.head(link)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(CONTENT)
+
+
+def test_a_head_is_answered_from_the_seal_without_asking_s3(stack, staged):
+    """tuputech sends a HEAD before every download: answered from the sealed size and ETag, it
+    costs no S3 request, as S3 failing every request meanwhile shows."""
+    link = links.document_link(staged, lifetime=600)
+    stack.s3_faults("error500", seconds=30)
+    try:
+        head = httpx.head(link)
+    finally:
+        stack.s3_faults("ok")
+    assert head.status_code == 200 and int(head.headers["content-length"]) == len(CONTENT)
+    assert head.headers["etag"] == f'"{staged.document.etag}"' and head.headers["content-type"] == "application/pdf"
+    assert httpx.get(link).content == CONTENT
 
 
 def test_the_signature_never_reaches_a_log_or_archive_through_redact(staged):
