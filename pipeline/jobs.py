@@ -28,6 +28,8 @@ from typing import Any
 
 import redis
 
+from pipeline.limits import take_lease_lua
+
 RECORD_TTL = 7 * 24 * 3600
 ACTIVE = "docpipe:active"
 WORKER_PREFIX = "docpipe:worker:"
@@ -290,13 +292,20 @@ return 'cancelled'
 
 # KEYS: record. ARGV: now, the message that claimed the step ('' when run outside a step).
 # A submit about to leave, unless the job was cancelled (0) or handed to another message (-1).
-_SENDING = """
+_MAY_SEND = """
 local f = redis.call('HMGET', KEYS[1], 'state', 'msg')
 if f[1] == 'cancelled' then return 0 end
 if ARGV[2] ~= '' and f[2] ~= ARGV[2] then return -1 end
+"""
+_MARK_SENDING = """
 redis.call('HSET', KEYS[1], 'sending_at', ARGV[1], 'updated_at', ARGV[1])
 return 1
 """
+_SENDING = _MAY_SEND + _MARK_SENDING
+# KEYS: record, lease set. ARGV: now, msg, lease id, limit, lease ttl in ms.
+_SENDING_IN_SLOT = (
+    _MAY_SEND + "local held = 0" + take_lease_lua("KEYS[2]", "ARGV[3]", "ARGV[4]", "ARGV[5]") + "if held == 0 then return 2 end" + _MARK_SENDING
+)
 
 # The message whose claim the current thread runs a step under (set by ``pipeline.driver``).
 claimed_msg: contextvars.ContextVar[str] = contextvars.ContextVar("docpipe_claimed_msg", default="")
@@ -332,7 +341,8 @@ return 0
 
 @cache
 def _scripts(client: redis.Redis) -> dict[str, Any]:
-    return {name: client.register_script(source) for name, source in (("record", _RECORD), ("join", _JOIN), ("sending", _SENDING))}
+    scripts = (("record", _RECORD), ("join", _JOIN), ("sending", _SENDING), ("sending_in_slot", _SENDING_IN_SLOT))
+    return {name: client.register_script(source) for name, source in scripts}
 
 
 def mark_sending(client: redis.Redis, job_id: str) -> int:
@@ -340,6 +350,17 @@ def mark_sending(client: redis.Redis, job_id: str) -> int:
     this step ran, handed to another message (-1: a worker taken for dead, whose step the
     reconciler gave to another; only one of them may send)."""
     return int(_scripts(client)["sending"](keys=[key(job_id)], args=[time.time(), claimed_msg.get()]))
+
+
+NO_SLOT = 2
+
+
+def mark_sending_in_slot(client: redis.Redis, job_id: str, leases: str, limit: int, ttl: float) -> int:
+    """``mark_sending`` and the job's in-flight lease (lease id: the job id) in one round trip, for a
+    request that leaves as soon as it holds its slot: ``NO_SLOT`` and nothing written when every
+    slot is taken; a cancelled or superseded job takes no slot."""
+    args = [time.time(), claimed_msg.get(), job_id, limit, int(ttl * 1000)]
+    return int(_scripts(client)["sending_in_slot"](keys=[key(job_id), leases], args=args))
 
 
 # (job id, first message id, its step, its payload, the record's fields): one job for ``start_many``.

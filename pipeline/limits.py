@@ -381,24 +381,29 @@ class RateLimiter:
 
 # --- concurrency leases ----------------------------------------------------------------------
 
-# KEYS[1] = lease set (member: lease id, score: expiry in ms by Redis' clock).
-# ARGV[1] = lease id, ARGV[2] = limit, ARGV[3] = ttl ms. Returns 1 when the lease is held.
-# A lease already held is only ever lengthened here (GT), so a re-delivered task cannot
-# shorten a lease its first delivery extended.
-_ACQUIRE_LUA = """
+def take_lease_lua(leases: str, lease_id: str, limit: str, ttl_ms: str) -> str:
+    """Lua that takes a lease when fewer than ``limit`` are held (or lengthens one already held),
+    setting ``held`` to 1; the arguments are Lua expressions. A lease already held is only ever
+    lengthened here (GT), so a re-delivered task cannot shorten a lease its first delivery
+    extended. Shared by the acquire script and the submit's (``jobs.mark_sending_in_slot``),
+    which takes the slot and records that the request leaves in one round trip."""
+    return f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZADD', KEYS[1], 'XX', 'GT', now + tonumber(ARGV[3]), ARGV[1])
-  return 1
+redis.call('ZREMRANGEBYSCORE', {leases}, '-inf', now)
+if redis.call('ZSCORE', {leases}, {lease_id}) then
+  redis.call('ZADD', {leases}, 'XX', 'GT', now + tonumber({ttl_ms}), {lease_id})
+  held = 1
+elseif redis.call('ZCARD', {leases}) < tonumber({limit}) then
+  redis.call('ZADD', {leases}, now + tonumber({ttl_ms}), {lease_id})
+  held = 1
 end
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  return 1
-end
-return 0
 """
+
+
+# KEYS[1] = lease set (member: lease id, score: expiry in ms by Redis' clock).
+# ARGV[1] = lease id, ARGV[2] = limit, ARGV[3] = ttl ms. Returns 1 when the lease is held.
+_ACQUIRE_LUA = "local held = 0" + take_lease_lua("KEYS[1]", "ARGV[1]", "ARGV[2]", "ARGV[3]") + "return held"
 
 # Sets a lease's expiry to now + ttl whatever it was; the lease is (re)added even over the
 # limit, because it stands for a task the provider has already accepted.
@@ -465,8 +470,13 @@ class LeaseSemaphore:
         leases, _ = self.keys(key)
         return bool(self._acquire(keys=[leases], args=[lease_id, limit, int(ttl * 1000)]))
 
-    def acquire(self, key: str, lease_id: str, limit: int, ttl: float, *, max_wait: float) -> None:
+    def acquire(
+        self, key: str, lease_id: str, limit: int, ttl: float, *, max_wait: float, attempt: Callable[[], bool] | None = None
+    ) -> None:
         """Take a lease, waiting up to ``max_wait`` for a release; then ``RateWait`` to re-schedule.
+
+        ``attempt`` replaces ``try_acquire`` for a caller that takes the lease together with a
+        write of its own in one script (True once the lease is held).
 
         The re-scheduled task is due at once: ``max_wait`` is there to give the thread back to the
         queue (where the later stages of other documents go first), not to keep the document out
@@ -475,7 +485,8 @@ class LeaseSemaphore:
         """
         leases, freed = self.keys(key)
         deadline = time.monotonic() + max_wait
-        while not self.try_acquire(key, lease_id, limit, ttl):
+        take = attempt or (lambda: self.try_acquire(key, lease_id, limit, ttl))
+        while not take():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RateWait(key, 0.0, spread=False)

@@ -42,17 +42,33 @@ class Submission:
         self.answered = False  # an HTTP answer came back, whatever it said
         self.turn = job.rate_turn or 0.0  # its place in the queue for a send time (0.0: none yet)
 
-    def take_slot(self) -> None:
-        """Hold one of the account's in-flight slots (where the provider has a limit), right before sending."""
-        self.provider.take_slot(self.job)
+    def take_slot(self, *, marking: bool = False) -> None:
+        """Hold one of the account's in-flight slots (where the provider has a limit), right before sending.
+
+        ``marking``: the request leaves as soon as it holds the slot (it waits for no rate token),
+        so the slot and the ``sending`` record are taken in one round trip. That round trip is on
+        the path that refills a freed slot: callback, waiting submit woken, request accepted.
+        """
+        self.provider.take_slot(self.job, attempt=self._take_slot_marked if marking else None)
+
+    def _take_slot_marked(self) -> bool:
+        leases, _ = self.rt.leases.keys(self.provider.lease_key())
+        limit, ttl = self.provider.max_in_flight(), self.provider.settings.lease_grace
+        answer = jobs.mark_sending_in_slot(self.rt.redis, self.job.job_id, leases, limit, ttl)
+        if answer == jobs.NO_SLOT:
+            return False
+        self._marked(answer)
+        return True
 
     def sending(self) -> None:
         """The request leaves now. Recorded first: if the record cannot be written, nothing is sent;
         if the job was cancelled meanwhile, nothing is sent either."""
-        marked = jobs.mark_sending(self.rt.redis, self.job.job_id)
-        if marked == 0:
+        self._marked(jobs.mark_sending(self.rt.redis, self.job.job_id))
+
+    def _marked(self, answer: int) -> None:
+        if answer == 0:
             raise Cancelled(f"{self.job.label()}: cancelled before its submit left")
-        if marked < 0:
+        if answer < 0:
             raise Superseded(f"{self.job.label()}: handed to another message while this submit waited; that one sends it")
         self.sent = True
 

@@ -124,7 +124,7 @@ class RecordedSubmission:
         self.answered = False
         self.turn = 0.0
 
-    def take_slot(self) -> None:
+    def take_slot(self, *, marking: bool = False) -> None:
         pass
 
     def sending(self) -> None:

@@ -208,6 +208,40 @@ def test_a_submit_whose_job_was_handed_on_meanwhile_is_not_sent(ledger):
     assert ledger.cancel(job.job_id) == "at_provider"  # from now on the provider may have it
 
 
+def test_a_submit_takes_its_slot_and_its_sending_record_together_or_neither(ledger):
+    """A submit that waits for no rate token takes its in-flight slot and records that it leaves in
+    one script: no slot, nothing recorded; a cancelled or superseded job takes no slot."""
+    client = get_runtime().redis
+    leases = f"docpipe:test-leases:{uuid.uuid4().hex}"
+    full = _job()
+    ledger.start(full.job_id, "m1", "submit", full.model_dump(mode="json"))
+    client.zadd(leases, {"someone-else": time.time() * 1000 + 60_000})
+    token = jobs.claimed_msg.set("m1")
+    try:
+        assert jobs.mark_sending_in_slot(client, full.job_id, leases, 1, 5.0) == jobs.NO_SLOT
+        assert "sending_at" not in jobs.read(client, full.job_id)
+        assert jobs.mark_sending_in_slot(client, full.job_id, leases, 2, 5.0) == 1
+        assert "sending_at" in jobs.read(client, full.job_id) and client.zscore(leases, full.job_id) is not None
+    finally:
+        jobs.claimed_msg.reset(token)
+
+    handed_on, cancelled = _job(), _job()
+    for job in (handed_on, cancelled):
+        ledger.start(job.job_id, "m1", "submit", job.model_dump(mode="json"))
+    assert ledger.redrive(handed_on.job_id, "m1", "m2") is not None
+    assert ledger.cancel(cancelled.job_id) is not None
+    token = jobs.claimed_msg.set("m1")
+    try:
+        assert jobs.mark_sending_in_slot(client, handed_on.job_id, leases, 10, 5.0) == -1
+        assert jobs.mark_sending_in_slot(client, cancelled.job_id, leases, 10, 5.0) == 0
+    finally:
+        jobs.claimed_msg.reset(token)
+    assert set(client.zrange(leases, 0, -1)) == {b"someone-else", full.job_id.encode()}
+    for job in (handed_on, cancelled):
+        assert "sending_at" not in jobs.read(client, job.job_id)
+    client.delete(leases)
+
+
 def test_a_task_the_provider_holds_is_looked_at_through_more_failures_than_a_submit():
     """Giving up at await throws away a task the provider has billed; at submit nothing is lost yet."""
     from pipeline.errors import RateLimited, Transient

@@ -119,7 +119,7 @@ class Provider(ABC):
         re-schedule, since a thread waiting for a poll token is a thread not submitting.
         Submits pass their ``turn`` and queue (``RateLimiter.acquire``).
         """
-        if not self.settings.global_limits or endpoint not in self.limits:
+        if not self.takes_token(endpoint):
             if before_send is not None:
                 before_send()
             return None
@@ -132,16 +132,23 @@ class Provider(ABC):
         )
         return key, rate, at
 
-    def take_slot(self, job: Job) -> None:
+    def takes_token(self, endpoint: str) -> bool:
+        """Whether requests to ``endpoint`` wait for a rate token of the shared limiter."""
+        return self.settings.global_limits and endpoint in self.limits
+
+    def take_slot(self, job: Job, *, attempt: Callable[[], bool] | None = None) -> None:
         """Hold one of the account's in-flight slots for ``job`` (a lease with a short grace).
 
         Taken as late as possible, right before the request that creates the provider task,
-        so that a freed slot is filled by a request already built and signed.
+        so that a freed slot is filled by a request already built and signed. ``attempt``, when
+        given, takes the lease with a write of its own (``LeaseSemaphore.acquire``).
         """
         limit = self.max_in_flight()
         if limit:
             settings = self.settings
-            self.rt.leases.acquire(self.lease_key(), job.job_id, limit, settings.lease_grace, max_wait=settings.lease_max_wait)
+            self.rt.leases.acquire(
+                self.lease_key(), job.job_id, limit, settings.lease_grace, max_wait=settings.lease_max_wait, attempt=attempt
+            )
 
     def send(
         self,
@@ -162,11 +169,12 @@ class Provider(ABC):
         as it arrives, and closing it is the caller's.
         """
         if submission is not None:
-            submission.take_slot()
+            submission.take_slot(marking=not self.takes_token(endpoint))
         # A submit records that it leaves between its grant and its send time, not after: a
         # Redis round trip after the send time would make the request leave late, and a late
-        # request can share a provider's window with one sent a window after it.
-        before_send = submission.sending if submission is not None else None
+        # request can share a provider's window with one sent a window after it. One that waits
+        # for no token was recorded with its slot.
+        before_send = submission.sending if submission is not None and not submission.sent else None
         turn = submission.turn if submission is not None else None  # submits queue for their send time
         while True:
             try:
