@@ -468,6 +468,7 @@ class TuputechEmulator(Emulator):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._own_key = config.private_key or new_private_key()
+        _private(self._own_key)  # parsed (and checked: ~30 ms of CPU) now; on first use it held the loop as the first answer was signed
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
         self.processing = 0
