@@ -368,10 +368,27 @@ def create_app() -> Starlette:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
-    """The receiver's Redis client for its event loop (its connections belong to that loop), and the spool's drainer."""
+    """The receiver's Redis client for its event loop (its connections belong to that loop), the
+    spool's drainer, and what the first callback and the first download would otherwise build
+    while the rest wait (``_warm_up``)."""
+    await run_in_threadpool(_warm_up)
     app.state.redis = async_redis_client(get_runtime().settings)
     Spool.default().start()
     try:
         yield
     finally:
         await app.state.redis.aclose()
+
+
+def _warm_up() -> None:
+    """Before the first request: the S3 client and the link key that every document link needs,
+    the providers' keys that check callbacks, and pooled Redis connections. Built by the first
+    download instead, the S3 client alone took tens of ms of CPU under the receiver's GIL just as
+    the first documents of a batch were downloaded and called back."""
+    from pipeline.warmup import warm_up
+
+    warm_up(threads=4)
+    try:
+        links.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the first link served builds it, as before
+        log.warning("warm-up of the link key incomplete (%s); the first download will build it", type(exc).__name__)

@@ -84,6 +84,11 @@ def _sealer() -> AESGCM:
     return AESGCM(hashlib.sha256(b"docpipe document links\n" + _secret()).digest())
 
 
+def warm_up() -> None:
+    """Read the link key (a Redis round trip when it is not configured) before the first link needs it."""
+    _sealer()
+
+
 def _seal(job_id: str, expires: int, where: dict[str, Any]) -> str:
     nonce = secrets.token_bytes(12)
     sealed = _sealer().encrypt(nonce, json.dumps(where, separators=(",", ":")).encode(), f"{job_id}\n{expires}".encode())
