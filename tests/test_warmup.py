@@ -32,3 +32,15 @@ def test_warm_up_builds_the_providers_http_client_before_the_first_submit(stack)
     assert get_runtime().http_client is None  # built on first use, by default
     warm_up(threads=2)
     assert get_runtime().http_client is not None
+
+
+def test_the_receiver_builds_what_its_first_download_and_callback_need_before_it_serves(stack):
+    """Its lifespan's warm-up: the S3 client and link key every document link needs, the providers'
+    keys, and the Redis connections; a download no longer builds them under the receiver's GIL."""
+    from pipeline import callbacks, links, storage
+
+    stack.activate()  # every per-process cache cleared
+    assert not storage._client._built and not links._secret._built
+    callbacks._warm_up()
+    assert storage._client._built and links._secret._built
+    assert get_runtime().http_client is not None
