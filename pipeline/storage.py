@@ -12,6 +12,7 @@ import hashlib
 import heapq
 import io
 import json
+import logging
 import queue
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from botocore.exceptions import ClientError
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput
 from pipeline.runtime import BuiltOnce
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 S3_CONNECTIONS = 50
@@ -87,7 +90,8 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def ensure_buckets(settings: Settings | None = None, also: Iterable[str] = ()) -> list[str]:
-    """Create the staging and results buckets (and ``also``) if they are missing; return those created."""
+    """Create the staging and results buckets (and ``also``) if they are missing, each with the rule
+    that aborts stale multipart uploads (``abort_stale_uploads``); return those created."""
     s = settings or get_settings()
     client = s3_client(s)
     created = []
@@ -98,8 +102,37 @@ def ensure_buckets(settings: Settings | None = None, also: Iterable[str] = ()) -
             if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
             client.create_bucket(Bucket=bucket)
+            abort_stale_uploads(client, bucket)
             created.append(bucket)
     return created
+
+
+STALE_UPLOAD_DAYS = 1
+STALE_UPLOAD_RULE = "docpipe-abort-incomplete-multipart-uploads"
+
+
+def abort_stale_uploads(client: BaseClient, bucket: str) -> bool:
+    """Give a bucket docpipe created the lifecycle rule that aborts multipart uploads left
+    incomplete for ``STALE_UPLOAD_DAYS``; False (and a warning) where the server refuses it.
+
+    Why: a process killed in the middle of a multipart upload (the enqueuer staging a large
+    file, a worker streaming idp's highlight PDF) neither completes nor aborts it. What was killed
+    runs again and uploads anew, so no document is lost, but S3 keeps the orphaned parts, listed
+    nowhere and billed, until such a rule aborts them. A bucket that already existed keeps the
+    rules its owner gave it: putting a lifecycle configuration replaces all of them.
+    """
+    rule = {
+        "ID": STALE_UPLOAD_RULE,
+        "Status": "Enabled",
+        "Filter": {"Prefix": ""},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": STALE_UPLOAD_DAYS},
+    }
+    try:
+        client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [rule]})
+    except ClientError as exc:
+        log.warning("bucket %s: lifecycle rule for stale multipart uploads not set (%s)", bucket, exc.response.get("Error", {}).get("Code"))
+        return False
+    return True
 
 
 def sha256_file(path: Path) -> str:

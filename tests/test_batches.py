@@ -147,6 +147,12 @@ def test_deployment_problems_are_one_message_and_exit_code_2(stack, docs):
     created = docpipe(stack, "init", "--json", env={"DOCPIPE_STAGING_BUCKET": "fresh-staging", "DOCPIPE_RESULTS_BUCKET": "fresh-results"})
     assert created.returncode == 0 and json.loads(created.stdout)["created"] == ["fresh-staging", "fresh-results"]
     assert json.loads(docpipe(stack, "init", "--json").stdout)["created"] == []
+    # The buckets it created abort the multipart uploads a killed process leaves incomplete.
+    stack.activate()
+    for bucket in ("fresh-staging", "fresh-results"):
+        (rule,) = storage.s3_client().get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+        assert rule["ID"] == storage.STALE_UPLOAD_RULE and rule["Status"] == "Enabled"
+        assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": storage.STALE_UPLOAD_DAYS}
 
 
 def test_a_wait_that_times_out_exits_3(stack, baidu, docs):
