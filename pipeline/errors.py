@@ -14,6 +14,8 @@ Messages never carry a URL, a token or a key: they end up in logs, Flower and er
 
 from __future__ import annotations
 
+import errno
+
 
 class DocpipeError(Exception):
     """Base class: ``code`` is ours, ``provider_code`` and ``provider_message`` are the provider's."""
@@ -124,8 +126,13 @@ def is_outage(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return error.get("Code") in OUTAGE_CODES or int(status or 0) >= 500
-    return False
+    # The worker's own disk full (a large result or highlight PDF is spooled to a temporary file
+    # before its upload): the host's trouble, gone once space is freed; counted as the document's
+    # failures, it ended documents as "unexpected error" after a few minutes.
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # S3's answers that mean "not now", not "not this request".
 OUTAGE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500"})

@@ -171,3 +171,33 @@ def test_a_local_file_goes_up_in_one_put_below_the_threshold_and_in_parts_above_
     assert sorted(calls) == sorted(expected)  # 8 MB threshold (the default): 9 MB is parts of 8 and 1
     stored = storage.read_object(get_settings().staging_bucket, f"test-uploads/{size_mb}.bin")
     assert stored == data
+
+
+def test_a_full_disk_under_the_spool_delays_the_step_without_counting_against_the_document(monkeypatch):
+    """``put_stream`` spools a large body to a temporary file before its upload: a worker whose
+    disk is full fails there, through no fault of the document. The step waits it out, as for an
+    S3 or Redis outage, with its attempts untouched (the job's deadline still bounds it)."""
+    import errno
+    import io
+    import tempfile
+
+    from pipeline import driver
+    from pipeline.errors import is_outage
+    from pipeline.models import Job
+
+    class FullDisk(io.BytesIO):
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
+
+    def archiving(job: Job) -> tuple[Job, float | None]:
+        storage.put_stream("idp/x/highlight.pdf", io.BytesIO(b"%PDF-1.7 " * 1000), "application/pdf")
+        raise AssertionError("the spool cannot have been written")
+
+    monkeypatch.setitem(driver.STAGE_FUNCTIONS, "archive", archiving)
+    job = Job(job_id="0" * 32, provider="idp", source="s3://b/k", location="s3://b/k", attempts=4)
+    step = driver._execute("archive", job)
+    assert step is not None and step.stage == "archive" and step.job.attempts == 4 and step.countdown > 0
+    assert is_outage(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_outage(OSError(errno.ENOENT, "No such file or directory"))  # a missing file is the document's own
