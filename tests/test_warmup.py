@@ -27,11 +27,14 @@ def test_open_connections_leaves_that_many_connections_open_in_the_pool(stack):
         observer.close()
 
 
-def test_warm_up_builds_the_providers_http_client_before_the_first_submit(stack):
+def test_warm_up_builds_the_providers_http_client_and_a_redis_connection_per_thread(stack):
     stack.activate()  # a runtime of its own, built afresh
-    assert get_runtime().http_client is None  # built on first use, by default
-    warm_up(threads=2)
-    assert get_runtime().http_client is not None
+    rt = get_runtime()
+    assert rt.http_client is None  # built on first use, by default
+    warm_up(threads=3)
+    assert rt.http_client is not None
+    pool = rt.redis.connection_pool
+    assert len(pool._available_connections) >= 3  # open, waiting for the threads' first commands
 
 
 def test_the_receiver_builds_what_its_first_download_and_callback_need_before_it_serves(stack):
