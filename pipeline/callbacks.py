@@ -387,7 +387,7 @@ def _warm_up() -> None:
     the first documents of a batch were downloaded and called back."""
     from pipeline.warmup import warm_up
 
-    warm_up(threads=4)
+    warm_up(threads=4, http=False)
     try:
         links.warm_up()
     except Exception as exc:  # noqa: BLE001 - the first link served builds it, as before

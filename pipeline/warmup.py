@@ -21,16 +21,15 @@ from pipeline.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1) -> None:
-    """Build the runtime, a Redis connection for each of ``threads``, the HTTP client, the S3
-    client and each provider; each one apart, so that an outage of one is logged and the rest
-    are still built."""
+def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1, http: bool = True) -> None:
+    """Build the runtime, a Redis connection for each of ``threads``, the providers' HTTP client
+    (unless ``http`` is False: the receiver sends no provider request), the S3 client and each
+    provider; each one apart, so that an outage of one is logged and the rest are still built."""
     rt = get_runtime()
-    builds: list[tuple[str, Callable[[], object]]] = [
-        ("redis", lambda: open_connections(rt.redis, threads)),
-        ("http client", lambda: rt.http),  # built on first use; here, before the first use is a submit
-        ("s3 client", storage.s3_client),
-    ]
+    builds: list[tuple[str, Callable[[], object]]] = [("redis", lambda: open_connections(rt.redis, threads))]
+    if http:
+        builds.append(("http client", lambda: rt.http))  # built on first use; here, before the first use is a submit
+    builds.append(("s3 client", storage.s3_client))
     for name in providers if providers is not None else provider_names():
         builds.append((name, lambda name=name: get_provider(name).warm_up()))
     for what, build in builds:

@@ -39,11 +39,12 @@ def test_warm_up_builds_the_providers_http_client_and_a_redis_connection_per_thr
 
 def test_the_receiver_builds_what_its_first_download_and_callback_need_before_it_serves(stack):
     """Its lifespan's warm-up: the S3 client and link key every document link needs, the providers'
-    keys, and the Redis connections; a download no longer builds them under the receiver's GIL."""
+    keys, and the Redis connections; a download no longer builds them under the receiver's GIL.
+    Not the providers' HTTP client: the receiver sends no provider request."""
     from pipeline import callbacks, links, storage
 
     stack.activate()  # every per-process cache cleared
     assert not storage._client._built and not links._secret._built
     callbacks._warm_up()
     assert storage._client._built and links._secret._built
-    assert get_runtime().http_client is not None
+    assert get_runtime().http_client is None
