@@ -45,6 +45,7 @@ from starlette.routing import Route
 from pipeline import jobs, links
 from pipeline.providers import get_provider, provider_names
 from pipeline.limits import free_slot_lua
+from pipeline.liveness import RECEIVER_KEY, Heartbeat
 from pipeline.providers.base import Callback, CallbackRejected, Provider
 from pipeline.runtime import async_redis_client, get_runtime
 
@@ -372,11 +373,17 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     spool's drainer, and what the first callback and the first download would otherwise build
     while the rest wait (``_warm_up``)."""
     await run_in_threadpool(_warm_up)
-    app.state.redis = async_redis_client(get_runtime().settings)
+    settings = get_runtime().settings
+    app.state.redis = async_redis_client(settings)
     Spool.default().start()
+    # While no receiver beats, callback providers' submits wait (``stages.submit``): a task sent
+    # then would have its results posted to nobody, and end as callback_missing.
+    heartbeat = Heartbeat(get_runtime().redis, key=RECEIVER_KEY, every=settings.heartbeat_every, ttl=settings.heartbeat_ttl)
+    heartbeat.start(tolerate_outage=True)
     try:
         yield
     finally:
+        await run_in_threadpool(heartbeat.stop)
         await app.state.redis.aclose()
 
 

@@ -1,4 +1,4 @@
-"""Which worker processes are alive, by a heartbeat in Redis.
+"""Which worker processes (and whether a callback receiver) are alive, by a heartbeat in Redis.
 
 Why our own heartbeat: when a worker is killed, the messages it had received (running, or
 waiting for their countdown in its memory) stay unacknowledged in Redis until the broker's
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 BEAT_EVERY = 3.0  # seconds between two heartbeats
 BEAT_TTL = 15.0  # a worker silent this long is taken for dead
+# One key every callback receiver keeps alive: a callback provider's submits wait while it is gone.
+RECEIVER_KEY = "docpipe:receivers:alive"
 
 
 @cache
@@ -40,20 +42,30 @@ class Heartbeat:
     """A daemon thread that keeps this process' heartbeat key alive until ``stop``: written every
     ``every`` seconds, it lives ``ttl`` seconds (``DOCPIPE_HEARTBEAT_EVERY`` / ``_TTL``)."""
 
-    def __init__(self, client: redis.Redis, holder: str | None = None, *, every: float = BEAT_EVERY, ttl: float = BEAT_TTL) -> None:
+    def __init__(
+        self, client: redis.Redis, holder: str | None = None, *, every: float = BEAT_EVERY, ttl: float = BEAT_TTL, key: str | None = None
+    ) -> None:
         self._redis = client
         self.holder = holder or holder_id()
+        self.key = key or f"{WORKER_PREFIX}{self.holder}"
         self.every, self.ttl = every, ttl
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="docpipe-heartbeat", daemon=True)
 
-    def start(self) -> Heartbeat:
-        self.beat()
+    def start(self, *, tolerate_outage: bool = False) -> Heartbeat:
+        """Beat now, then every ``every`` seconds. A first beat that Redis refuses raises, unless
+        ``tolerate_outage``: then it is logged and the thread beats once Redis is back."""
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            if not tolerate_outage:
+                raise
+            log.warning("heartbeat not written (%s); beating on until Redis takes it", type(exc).__name__)
         self._thread.start()
         return self
 
     def beat(self) -> None:
-        self._redis.set(f"{WORKER_PREFIX}{self.holder}", str(time.time()), px=int(self.ttl * 1000))
+        self._redis.set(self.key, str(time.time()), px=int(self.ttl * 1000))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
@@ -67,6 +79,11 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(self.every + 1)
         try:
-            self._redis.delete(f"{WORKER_PREFIX}{self.holder}")
+            self._redis.delete(self.key)
         except redis.RedisError:
             pass
+
+
+def receiver_alive(client: redis.Redis) -> bool:
+    """Whether a callback receiver beat within its heartbeat's lifetime (``RECEIVER_KEY``)."""
+    return bool(client.exists(RECEIVER_KEY))

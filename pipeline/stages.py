@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline import jobs, sniff, storage
+from pipeline import jobs, liveness, sniff, storage
 from pipeline.config import get_settings
 from pipeline.errors import AlreadyArchived, BadInput, Cancelled, DeadlineExceeded, DocpipeError, Permanent, RateWait, Superseded, is_outage
 from pipeline.models import DocumentInfo, Job, JobError
@@ -153,6 +153,10 @@ def failure_fields(error: JobError) -> dict[str, Any]:
 # --- submit --------------------------------------------------------------------------------
 
 
+# Seconds between two looks for a live callback receiver, for a callback provider's submit.
+RECEIVER_WAIT = 5.0
+
+
 def submit(job: Job) -> Job:
     """Send the document once (see ``pipeline.submission`` for how an attempt is recorded).
 
@@ -173,6 +177,11 @@ def submit(job: Job) -> Job:
         submitted_at = float(record.get("submitted_at") or record.get("sending_at") or time.time())
         jobs.record(rt.redis, job.job_id, state="submitted", stage="submit", provider_task_id=task_id, submitted_at=submitted_at)
         return job.model_copy(update={"provider_task_id": task_id, "submitted_at": submitted_at})
+    if provider.uses_callbacks and not liveness.receiver_alive(rt.redis):
+        # Sent now, its result would be posted to nobody: after the provider's retries the task
+        # would end as callback_missing. It waits for a receiver instead.
+        log.info("%s: no callback receiver is alive; the submit waits for one", job.label())
+        raise RateWait(f"{provider.name}:receiver", RECEIVER_WAIT)
     attempt = Submission(job, provider, rt)
     try:
         task_id = provider.submit(job, attempt)

@@ -147,6 +147,41 @@ def test_kill_9_of_a_worker_mid_batch_loses_nothing_and_leaks_no_lease(limited_s
     assert get_runtime().leases.held(get_provider("tuputech").lease_key()) == 0
 
 
+@LIMITED
+def test_submits_wait_while_no_callback_receiver_is_alive(limited_stack, tmp_path):
+    """A result posted while the receiver is down is lost once tuputech stops retrying, and the
+    document ends as callback_missing: while no receiver beats, no document is submitted; they go
+    as soon as one is back."""
+    from pipeline import jobs, liveness
+    from pipeline.runtime import get_runtime
+
+    limited_stack.activate()
+    client = get_runtime().redis
+    control = EmulatorControl(limited_stack.emulator_url("tuputech"))
+    control.reset()
+    limited_stack.procs.pop("callbacks").stop()
+    try:
+        assert not liveness.receiver_alive(client)  # a receiver that stops takes its heartbeat with it
+        handles = [enqueue(s.path, provider="tuputech") for s in _reports(tmp_path, 2)]
+
+        def waiting_at_submit() -> dict[str, str]:
+            records = {h.job_id: jobs.read(client, h.job_id) for h in handles}
+            return {j: r.get("msg", "") for j, r in records.items() if r.get("step") == "submit"}
+
+        wait_until(lambda: len(waiting_at_submit()) == 2, 60, "both documents at their submit")
+        first = waiting_at_submit()
+        # Each submit has looked and been put off (its message re-published) at least once.
+        wait_until(lambda: all(msg != first[j] for j, msg in waiting_at_submit().items()) and len(waiting_at_submit()) == 2, 60,
+                   "both submits to be put off")
+        assert control.endpoint("submit")["accepted"] == 0
+    finally:
+        limited_stack.start_callbacks()
+    assert liveness.receiver_alive(client)
+    for handle in handles:
+        handle.wait(timeout=120)
+    assert control.endpoint("submit")["accepted"] == 2
+
+
 # --- a callback wakes the step that waits for it ---------------------------------------------
 
 
