@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 BEAT_EVERY = 3.0  # seconds between two heartbeats
 BEAT_TTL = 15.0  # a worker silent this long is taken for dead
 # One key every callback receiver keeps alive: a callback provider's submits wait while it is gone.
+# A receiver that stops deletes it (the gate closes at once); any other receiver writes it again
+# at its next beat, and one killed outright leaves it to expire after its heartbeat's lifetime.
 RECEIVER_KEY = "docpipe:receivers:alive"
 
 
