@@ -124,8 +124,8 @@ class RecordedSubmission:
         self.answered = False
         self.turn = 0.0
 
-    def take_slot(self, *, marking: bool = False) -> None:
-        pass
+    def take_slot(self, *, marking: bool = False) -> bool:
+        return False
 
     def sending(self) -> None:
         self.sent = True

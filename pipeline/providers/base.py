@@ -168,13 +168,14 @@ class Provider(ABC):
         become ``Transient`` without the URL in the message. A ``stream`` answer's body is read
         as it arrives, and closing it is the caller's.
         """
-        if submission is not None:
-            submission.take_slot(marking=not self.takes_token(endpoint))
+        marked = submission.take_slot(marking=not self.takes_token(endpoint)) if submission is not None else False
         # A submit records that it leaves between its grant and its send time, not after: a
         # Redis round trip after the send time would make the request leave late, and a late
         # request can share a provider's window with one sent a window after it. One that waits
-        # for no token was recorded with its slot.
-        before_send = submission.sending if submission is not None and not submission.sent else None
+        # for no token was recorded with its slot. Every other send of a submission records again,
+        # a second request of one step included: skipped there, idp's resend under the other path
+        # prefix never left (bench.polling: no idp task made in 20 minutes, the step re-run forever).
+        before_send = submission.sending if submission is not None and not marked else None
         turn = submission.turn if submission is not None else None  # submits queue for their send time
         while True:
             try:
