@@ -41,7 +41,6 @@ class Submission:
         self.sent = False  # the request may have reached the provider
         self.answered = False  # an HTTP answer came back, whatever it said
         self.turn = job.rate_turn or 0.0  # its place in the queue for a send time (0.0: none yet)
-        self._marked_with_slot = False
 
     def take_slot(self, *, marking: bool = False) -> bool:
         """Hold one of the account's in-flight slots (where the provider has a limit), right before
@@ -51,9 +50,8 @@ class Submission:
         so the slot and the ``sending`` record are taken in one round trip. That round trip is on
         the path that refills a freed slot: callback, waiting submit woken, request accepted.
         """
-        self._marked_with_slot = False
         self.provider.take_slot(self.job, attempt=self._take_slot_marked if marking else None)
-        return self._marked_with_slot
+        return bool(marking and self.provider.max_in_flight())  # a slot taken that way was taken marked
 
     def _take_slot_marked(self) -> bool:
         leases, _ = self.rt.leases.keys(self.provider.lease_key())
@@ -62,7 +60,6 @@ class Submission:
         if answer == jobs.NO_SLOT:
             return False
         self._marked(answer)
-        self._marked_with_slot = True
         return True
 
     def sending(self) -> None:
