@@ -394,8 +394,4 @@ def _warm_up() -> None:
     the first documents of a batch were downloaded and called back."""
     from pipeline.warmup import warm_up
 
-    warm_up(threads=4, http=False)
-    try:
-        links.warm_up()
-    except Exception as exc:  # noqa: BLE001 - the first link served builds it, as before
-        log.warning("warm-up of the link key incomplete (%s); the first download will build it", type(exc).__name__)
+    warm_up(threads=4, http=False, also=[("link key", links.warm_up)])

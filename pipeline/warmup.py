@@ -21,10 +21,17 @@ from pipeline.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1, http: bool = True) -> None:
+def warm_up(
+    providers: Iterable[str] | None = None,
+    *,
+    threads: int = 1,
+    http: bool = True,
+    also: Iterable[tuple[str, Callable[[], object]]] = (),
+) -> None:
     """Build the runtime, a Redis connection for each of ``threads``, the providers' HTTP client
-    (unless ``http`` is False: the receiver sends no provider request), the S3 client and each
-    provider; each one apart, so that an outage of one is logged and the rest are still built."""
+    (unless ``http`` is False: the receiver sends no provider request), the S3 client, each
+    provider and what ``also`` names; each one apart, so that an outage of one is logged and the
+    rest are still built."""
     rt = get_runtime()
     builds: list[tuple[str, Callable[[], object]]] = [("redis", lambda: open_connections(rt.redis, threads))]
     if http:
@@ -32,6 +39,7 @@ def warm_up(providers: Iterable[str] | None = None, *, threads: int = 1, http: b
     builds.append(("s3 client", storage.s3_client))
     for name in providers if providers is not None else provider_names():
         builds.append((name, lambda name=name: get_provider(name).warm_up()))
+    builds.extend(also)
     for what, build in builds:
         try:
             build()
