@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from emulators import EMULATORS, REFEREE_SERVER
+from emulators.wire import WireStampedH11
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         except json.JSONDecodeError:
             settings[key] = value
     app = module.create_app(module.Config.model_validate(settings))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **REFEREE_SERVER)
+    # Arrivals are stamped as their first bytes are read, not when their route runs (emulators.wire).
+    server = {**REFEREE_SERVER, "http": WireStampedH11}
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **server)
 
 
 if __name__ == "__main__":

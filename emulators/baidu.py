@@ -192,7 +192,7 @@ class BaiduEmulator(Emulator):
 
     async def token(self, request: Request) -> Response:
         """OAuth can be dropped like any API call; Baidu's OAuth has no QPS answer, so no spurious limit."""
-        self.arrive("token")
+        self.arrive("token", request)
         if self.inject("token", self.config.faults.drop_rate):
             return DroppedConnection()
         params = dict(request.query_params)
@@ -245,7 +245,7 @@ class BaiduEmulator(Emulator):
         refused request has used its place in the window, so a client that resends it at
         once, without pacing, is caught over the limit.
         """
-        stats = self.arrive(endpoint)
+        stats = self.arrive(endpoint, request)
         token = request.query_params.get("access_token", "")
         known = self.tokens.get(token)
         if known is None:
@@ -254,8 +254,9 @@ class BaiduEmulator(Emulator):
         now = time.time()
         if now >= expires_at or generation != self.token_generation(now):
             return None, _error(111)
-        if not self.window.allow(f"{account}:{endpoint}", qps):
-            self.refused_over_limit(endpoint, f"{account}:{endpoint}")
+        arrived = self.arrival(request)[1]
+        if not self.window.allow(f"{account}:{endpoint}", qps, now=arrived):
+            self.refused_over_limit(endpoint, f"{account}:{endpoint}", arrived)
             return None, _error(18)
         faults = self.config.faults
         if self.inject(endpoint, faults.drop_rate):

@@ -27,6 +27,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from emulators.wire import wire_stamp
+
 
 class FaultConfig(BaseModel):
     """Failures an emulator injects on its API endpoints, each a probability per request."""
@@ -76,6 +78,10 @@ class EndpointStats:
     # doubt of the window's first stamp, whose lateness shortens the window as much as any.
     _recent_doubts: deque[tuple[float, float]] = field(default_factory=deque, repr=False)
     violations: list[dict[str, Any]] = field(default_factory=list)  # the first few, with what the referee saw
+    # The most a route ran after its request's first bytes were read: what a stamp taken in the
+    # route would have trailed the wire by (see emulators.wire).
+    route_lag_max: float = 0.0
+    last_route_lag: float = 0.0
     _last_second: deque[float] = field(default_factory=deque, repr=False)
 
     def arrived(self, at: float) -> None:
@@ -102,6 +108,7 @@ class EndpointStats:
             "last_at": self.arrivals[-1] if self.arrivals else None,
             "span_seconds": span,
             "violations": self.violations,
+            "route_lag_max_ms": round(self.route_lag_max * 1000, 1),
         }
 
 
@@ -125,21 +132,40 @@ class SlidingWindowLimit:
         self._lock = threading.Lock()
 
     def allow(self, key: str, limit: float, window: float = 1.0, now: float | None = None) -> bool:
+        """Accept a request stamped ``now`` (monotonic) unless some window holding it would then
+        hold more than ``limit``. Stamps taken off the wire can reach here a little out of order
+        (two connections, two routes): each is placed where it belongs, and every window it falls
+        in is checked, not only the one it ends. Two windows of stamps are kept for that."""
         now = time.monotonic() if now is None else now
         with self._lock:
             q = self._accepted[key]
-            while q and q[0] <= now - window:
+            while q and q[0] <= max(now, q[-1]) - 2 * window:
                 q.popleft()
-            if len(q) >= limit:
-                return False
-            q.append(now)
+            if not q or now >= q[-1]:  # in order: only the window it ends can be over
+                if len(q) - bisect.bisect_right(q, now - window) >= limit:
+                    return False
+                q.append(now)
+                return True
+            stamps = sorted([*q, now])
+            mine = bisect.bisect_left(stamps, now)
+            for last in range(mine, len(stamps)):
+                if stamps[last] - now >= window:
+                    break
+                if last - bisect.bisect_right(stamps, stamps[last] - window) + 1 > limit:
+                    return False
+            self._accepted[key] = deque(stamps)
             return True
 
-    def recent(self, key: str) -> list[float]:
-        """The accepted arrivals still in ``key``'s window, as wall-clock times."""
+    def recent(self, key: str, around: float | None = None, window: float = 1.0) -> list[float]:
+        """The accepted arrivals within a window either side of ``around`` (monotonic; default the
+        newest), as wall-clock times: the ones a refused request was counted against."""
         shift = time.time() - time.monotonic()
         with self._lock:
-            return [round(t + shift, 4) for t in self._accepted.get(key, ())]
+            q = list(self._accepted.get(key, ()))
+        if not q:
+            return []
+        around = q[-1] if around is None else around
+        return [round(t + shift, 4) for t in q if around - window < t < around + window]
 
     def reset(self) -> None:
         with self._lock:
@@ -196,6 +222,7 @@ class LoopWatch:
         self.last_tick = time.time()
         self.max_lag = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._ticks: deque[float] = deque([self.last_tick], maxlen=500)  # the last 2 s of ticks
 
     def start(self) -> None:
         if self._task is None:
@@ -206,10 +233,18 @@ class LoopWatch:
             before = time.time()
             await asyncio.sleep(self.TICK)
             self.last_tick = time.time()
+            self._ticks.append(self.last_tick)
             self.max_lag = max(self.max_lag, self.last_tick - before - self.TICK)
 
     def doubt(self, stamp: float) -> float:
-        return max(0.0, stamp - self.last_tick - self.TICK)
+        """How long before ``stamp`` the loop last ran: the request may have waited that long unread.
+        A stamp taken off the wire is older than the route that asks, so the tick is looked up
+        before it, not taken as the latest."""
+        ticks = self._ticks
+        if ticks and ticks[-1] <= stamp:
+            return max(0.0, stamp - ticks[-1] - self.TICK)
+        before = bisect.bisect_right(ticks, stamp)
+        return max(0.0, stamp - ticks[before - 1] - self.TICK) if before else 0.0
 
 
 class Emulator:
@@ -243,11 +278,20 @@ class Emulator:
         """
         return self._client
 
-    def arrive(self, endpoint: str) -> EndpointStats:
-        now = time.time()
+    @staticmethod
+    def arrival(request: Request | None) -> tuple[float, float]:
+        """When ``request`` arrived, (wall clock, monotonic clock): when its first bytes were read
+        (``emulators.wire``) where its server stamps them, else now."""
+        return wire_stamp(request.scope if request is not None else None) or (time.time(), time.monotonic())
+
+    def arrive(self, endpoint: str, request: Request | None = None) -> EndpointStats:
+        """Count a request on ``endpoint`` at its arrival (``arrival``)."""
+        now = self.arrival(request)[0]
         self.loop_watch.start()
         stats = self.stats[endpoint]
         stats.requests += 1
+        stats.last_route_lag = time.time() - now
+        stats.route_lag_max = max(stats.route_lag_max, stats.last_route_lag)
         stats.arrived(now)
         stats.last_stamp_doubt = self.loop_watch.doubt(now)
         stats._recent_doubts.append((now, stats.last_stamp_doubt))
@@ -255,7 +299,7 @@ class Emulator:
             stats._recent_doubts.popleft()
         return stats
 
-    def refused_over_limit(self, endpoint: str, key: str) -> None:
+    def refused_over_limit(self, endpoint: str, key: str, arrived: float | None = None) -> None:
         """Count a request over the documented limit, keeping what the referee saw: the arrivals
         in the window it closed and how far each stamp may trail its real arrival (how long the
         event loop had been away when it was stamped). A violation with a doubtful stamp is
@@ -263,12 +307,13 @@ class Emulator:
         stats = self.stats[endpoint]
         stats.limit_violations += 1
         if len(stats.violations) < 20:
-            window = self.window.recent(key)
+            window = self.window.recent(key, arrived)  # arrived: the refused request's monotonic stamp
             opened = min(window, default=time.time()) - 0.005  # the window's clock is read a moment after the stamp
             stats.violations.append({
                 "at": stats.arrivals[-1] if stats.arrivals else time.time(),
                 "window": window,
                 "stamp_doubt_ms": round(stats.last_stamp_doubt * 1000, 1),
+                "route_lag_ms": round(stats.last_route_lag * 1000, 1),  # how long after its stamp its route ran
                 "window_stamp_doubt_max_ms": round(1000 * max((d for t, d in stats._recent_doubts if t >= opened), default=0.0), 1),
                 "loop_lag_max_ms": round(self.loop_watch.max_lag * 1000, 1),
             })

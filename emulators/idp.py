@@ -468,7 +468,7 @@ class IdpEmulator(Emulator):
                 if request.method != method and not (method == "GET" and request.method == "HEAD"):
                     return _proxy_page(405)
                 return await getattr(self, handler)(request, **{k: int(v) for k, v in match.groupdict().items()})
-        self.arrive("unrouted")
+        self.arrive("unrouted", request)
         return _proxy_page(404)
 
     # -- the gate: faults, auth -------------------------------------------------------------
@@ -476,7 +476,7 @@ class IdpEmulator(Emulator):
     async def _gate(self, request: Request, endpoint: str, failure_message: str, authenticate: bool = True) -> None:
         """Count the arrival, then raise what a cut connection, a failing proxy, a bad token, a
         (spurious: the seed has no limit) rate limit or a failing backend answers."""
-        stats = self.arrive(endpoint)
+        stats = self.arrive(endpoint, request)
         faults = self.config.faults
         if self.inject(endpoint, faults.drop_rate):
             raise Refused(DroppedConnection())
@@ -778,7 +778,7 @@ class IdpEmulator(Emulator):
 
     async def download_highlight(self, request: Request) -> Response:
         """The export's download URL: unguessable rather than authenticated, like a file server's link."""
-        self.arrive("download")
+        self.arrive("download", request)
         extract = self.extracts.get(self.downloads.get(request.path_params["key"], -1))
         if extract is None:
             return Response("Not Found", status_code=404, media_type="text/plain")

@@ -502,7 +502,7 @@ class TuputechEmulator(Emulator):
     # -- submit -----------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> Response:
-        stats = self.arrive("submit")
+        stats = self.arrive("submit", request)
         fault = await self._fault(stats, request)
         if fault is not None:
             return fault
@@ -871,7 +871,7 @@ class TuputechEmulator(Emulator):
 
     def _served(self, request: Request, endpoint: str, files: str, key: str) -> tuple[Any, Response | None]:
         """Look up a file a result points at (``task.texts`` or ``task.images``); 404 when absent."""
-        self.arrive(endpoint)
+        self.arrive(endpoint, request)
         task = self.tasks.get(request.path_params["request_id"])
         found = getattr(task, files).get(request.path_params[key]) if task else None
         if found is None:

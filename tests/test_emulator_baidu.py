@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 import requests
 from PIL import Image, PngImagePlugin
 
+from emulators.common import SlidingWindowLimit
 from tests.conftest import EmulatorControl
 
 # Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
@@ -363,3 +365,39 @@ def test_a_request_over_the_limit_is_recorded_with_the_doubt_of_every_stamp_in_i
     (record,) = ends["violations"]
     assert len(record["window"]) == 2
     assert 0.0 <= record["stamp_doubt_ms"] <= record["window_stamp_doubt_max_ms"] <= record["loop_lag_max_ms"] + 5
+
+
+def test_a_request_is_stamped_when_its_first_bytes_are_read_not_when_its_route_runs(baidu: EmulatorControl, token: str) -> None:
+    """The referee counts a limit by the wire's clock (emulators.wire): stamped in its route, a
+    request carried the server's own delays, and on a loaded box they were bursts the client never sent."""
+    body = urlencode(submit_form()).encode()
+    head = (
+        f"POST {SUBMIT}?access_token={token} HTTP/1.1\r\nHost: emulator\r\nConnection: close\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    host, port = baidu.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        first_sent = time.time()
+        conn.sendall(head[:10])
+        time.sleep(0.5)  # a slow client: its route can only run once the rest is here
+        rest_sent = time.time()
+        conn.sendall(head[10:] + body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and b'"error_code":0' in answer.replace(b" ", b""), answer[:300]
+    ends = baidu.stats()["endpoints"]["submit"]
+    assert ends["accepted"] == 1
+    assert first_sent <= ends["first_at"] < rest_sent
+    assert ends["route_lag_max_ms"] >= 1000 * (rest_sent - ends["first_at"]) - 0.1  # the route ran after the rest came
+
+
+def test_the_limit_checks_every_window_a_stamp_that_reached_its_route_late_falls_in() -> None:
+    """Stamps taken off the wire reach the limit a little out of order (two connections, two routes)."""
+    window = SlidingWindowLimit()
+    assert window.allow("k", 2, now=10.0)
+    assert window.allow("k", 2, now=11.5)
+    assert window.allow("k", 2, now=10.6)  # arrived between them: (9.6, 10.6] and (10.5, 11.5] hold two each
+    assert not window.allow("k", 2, now=10.3)  # (9.3, 10.3] would hold two, (9.65, 10.65] three
+    assert not window.allow("k", 2, now=11.55)  # after the newest: (10.55, 11.55] would hold three
+    assert window.allow("k", 2, now=11.7)  # (10.7, 11.7] holds 11.5 and itself
