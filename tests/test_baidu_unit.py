@@ -282,6 +282,61 @@ def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_se
     assert limiter.given_back == [1.0]  # the unused grant went back to the log
 
 
+
+def test_a_departure_is_told_to_the_limiter_as_the_headers_leave_before_the_body_and_the_answer():
+    """A request that left late moves its place in the limiter's log; told only once its answer
+    came (after the upload and the provider's work), the move could come after a grant a window
+    later had been made from the old place, and three requests shared the provider's second."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipeline.config import Settings
+    from pipeline.limits import RateLimiter
+    from pipeline.runtime import Runtime
+
+    told_when_body_came: list[list[float]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            told_when_body_came.append(list(limiter.told))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class Recording(RateLimiter):
+        def __init__(self):
+            self._safety, self.told = 0.97, []
+
+        def acquire(self, key, rate, *, max_wait, alone=False, before_send=None, turn=None):
+            return 1.0
+
+        def late_by(self, granted):
+            return 0.0
+
+        def left_at(self, key, rate, granted, left):
+            self.told.append(left)
+            return True
+
+    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=f"http://127.0.0.1:{server.server_port}")
+    limiter = Recording()
+    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http_client=httpx.Client())
+    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
+    provider.rt, provider.settings = runtime, settings
+    try:
+        request = runtime.http.build_request("POST", f"{settings.baidu_base_url}/x", content=b"body")
+        assert provider.send("submit", request).status_code == 200
+    finally:
+        server.shutdown()
+    assert len(limiter.told) == 1  # once, and already when the provider had the body
+    assert told_when_body_came == [limiter.told]
+
 def test_a_document_the_stage_read_whole_is_measured_for_the_size_limit_without_reading_it_again(monkeypatch):
     """baidu's 10 MB is counted after base64 and url-encoding, which depends on the bytes. A small
     document the stage has read whole already (its first 64 kB) is measured from those bytes: a

@@ -185,7 +185,7 @@ class Provider(ABC):
                     submission.not_sent()  # refused a send time (or the marker): the request never left
                 raise
             before_send = None  # a submit marked as leaving stays marked while it asks again
-            departure = _Departure(self.rt.limiter, grant)
+            departure = _Departure(self.rt.limiter, grant, self._record_departure)
             request.extensions["trace"] = departure.trace
             try:
                 response = self.rt.http.send(request, stream=stream)
@@ -206,9 +206,6 @@ class Provider(ABC):
                 if submission is not None:
                     submission.not_sent()
                 raise (exc.__cause__ or exc) from None
-            finally:
-                if grant is not None and departure.left is not None:
-                    self._record_departure(grant, departure.left)
             break
         metrics.REQUESTS.labels(self.name, endpoint, str(response.status_code)).inc()
         if submission is not None:
@@ -356,11 +353,16 @@ class _Departure:
 
     Right before its headers go out, a request later than its grant tolerates is stopped (the
     grant was checked before the send, but a loaded machine can hold the thread between that
-    check and the socket); once they are out, the moment is kept for ``RateLimiter.left_at``.
+    check and the socket). Once they are out, the moment goes to ``record`` at once, before the
+    body and the answer: a late departure moves the request's place in the limiter's log, and
+    told only with the answer (a document's upload and the provider's work later), the move
+    came after grants it should have pushed back.
     """
 
-    def __init__(self, limiter: Any, grant: tuple[str, Rate, float] | None) -> None:
-        self._limiter, self._grant = limiter, grant
+    def __init__(
+        self, limiter: Any, grant: tuple[str, Rate, float] | None, record: Callable[[tuple[str, Rate, float], float], None]
+    ) -> None:
+        self._limiter, self._grant, self._record = limiter, grant, record
         self.left: float | None = None
 
     def trace(self, event: str, info: dict[str, Any]) -> None:
@@ -373,3 +375,4 @@ class _Departure:
                 raise _LateDeparture(late)
         elif event.endswith("send_request_headers.complete") and self.left is None:
             self.left = time.time()
+            self._record(self._grant, self.left)
