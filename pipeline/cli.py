@@ -125,10 +125,18 @@ def _finish(name: str, filled, wait: bool, timeout: float, as_json: bool) -> Non
             out["failed_jobs"] = [m.as_dict() for m in batches.members(client, name, state="failed")]
         _emit(out)
     else:
-        console.print(
-            f"batch {name}: {filled.enqueued} enqueued, {filled.skipped} already archived, {filled.refused} refused"
-            + (f"; {progress.describe(status)}" if wait else f"; follow it with `docpipe status {name} --wait`")
-        )
+        if wait:
+            # Once it has run, the batch knows what its stage steps found archived: a document
+            # enqueued from a listing is looked up there, not here, and was not sent either.
+            console.print(
+                f"batch {name}: {status.total - status.skipped} processed, {status.skipped} already archived (not sent again), "
+                f"{status.refused} refused; {progress.describe(status)}"
+            )
+        else:
+            console.print(
+                f"batch {name}: {filled.enqueued} enqueued, {filled.skipped} already archived, {filled.refused} refused"
+                f"; follow it with `docpipe status {name} --wait`"
+            )
         if wait:
             _print_failures(name, status)
     raise typer.Exit(_exit_code(status, waited=wait))

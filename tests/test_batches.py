@@ -100,6 +100,12 @@ def test_listing_again_sends_nothing_archived_whether_redis_remembers_it_or_not(
     assert baidu.endpoint("submit")["accepted"] == submits  # nothing sent again
     assert {job_id: storage.archive_names("baidu", job_id) for job_id in job_ids} == archived
 
+    # Its summary says so too: found archived by their stage steps, none of them was processed again.
+    client.delete(*(f"docpipe:job:{job_id}" for job_id in job_ids))
+    told = docpipe(stack, "ingest", "s3://relist-inbox/in/", "-p", "baidu", "--exclude", "*.txt", "--batch", "b-relist-4",
+                   "--wait", "--timeout", "240")
+    assert "b-relist-4: 0 processed, 4 already archived" in told.stdout, told.stdout + told.stderr
+
 
 def test_cancel_stops_what_no_provider_has_seen_and_names_what_it_has(stack, baidu, docs):
     samples = make_batch(docs, 24)  # at 2 submits a second, most of them still wait when the cancel comes

@@ -31,7 +31,7 @@ def test_submit_wait_names_the_batch_and_each_failure_with_its_reason(stack, bai
     done = docpipe(stack, "submit", *(str(s.path) for s in good), "--provider", "baidu", "--wait", "--timeout", "180")
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"batch baidu-\d{8}-\d{6}-[0-9a-f]{4}", done.stdout)  # named at the start
-    assert "2 enqueued" in done.stdout and "done=2" in done.stdout
+    assert "2 processed, 0 already archived" in done.stdout and "done=2" in done.stdout
 
     failed = docpipe(stack, "submit", str(bad.path), "--provider", "baidu", "--wait", "--timeout", "180", "--batch", "cli-broken")
     assert failed.returncode == 1  # a failed document makes the command fail...
