@@ -440,6 +440,35 @@ def test_a_404_under_the_prefix_is_tried_once_without_it_and_remembered():
     assert paths == [f"/api/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}"]
 
 
+def test_a_step_put_off_while_its_resend_waits_for_a_send_time_comes_back_under_the_other_prefix():
+    """The resend under the other prefix is a second request of the step, with a send time of its
+    own: refused one (RateWait), the step is re-run later. It must not spend its turn on the path
+    that 404'd again, then wait behind the queue for the resend's, and so on forever."""
+    from pipeline.errors import RateWait
+
+    paths: list[str] = []
+
+    def examples_only(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(404, text="Not Found") if request.url.path.startswith("/api/") else httpx.Response(200, json=result_body(7))
+
+    provider = make_provider(examples_only)
+    tokens = 0
+    take_token = provider.take_token
+
+    def the_second_token_is_far(endpoint: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal tokens
+        tokens += 1
+        if tokens == 2:
+            raise RateWait(f"idp:{endpoint}", 1.5)
+        return take_token(endpoint, *args, **kwargs)
+
+    provider.take_token = the_second_token_is_far  # type: ignore[method-assign]
+    with pytest.raises(RateWait):
+        provider.poll(make_job())
+    assert provider.poll(make_job()).done is False  # the step, re-run
+    assert paths == [f"/api/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}"]
+
 def test_a_real_not_found_stays_a_not_found_under_both_prefixes():
     paths: list[str] = []
 

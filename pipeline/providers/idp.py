@@ -263,11 +263,17 @@ class IdpProvider(Provider):
             response = attempt(token, prefix)
         if response.status_code == 404:
             other = "" if prefix else wire.API_PREFIX
+            # Taken before the resend asks for its send time: a step put off while it waits
+            # (RateWait) comes back to the other prefix first. Kept to the answer, every re-run
+            # spent its queue turn on the path it knew 404s, and the resend waited again behind
+            # the queue (bench.polling: no idp task made in 20 minutes).
+            self._prefix = other
             retried = attempt(token, other)
             if retried.status_code != 404:
                 log.info("idp serves %s%s, not %s%s: using that prefix from now on", other or "(no prefix)", path, prefix, path)
-                self._prefix = other
                 response = retried
+            else:
+                self._prefix = prefix  # a 404 under both: a real "not found", and the first reading stands
         return response
 
     def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
