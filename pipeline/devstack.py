@@ -8,15 +8,18 @@ is what a deployment does: real processes talking over real sockets.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,10 +85,64 @@ def _signals_held() -> Iterator[None]:
             raise KeyboardInterrupt(f"stopped by {signal.Signals(held[0]).name}")
 
 
+# Ports a process has reserved for its services (``free_port``): each an open, locked file.
+_RESERVED: dict[int, int] = {}
+_RESERVING = threading.Lock()
+
+
 def free_port() -> int:
+    """A port for a local service, reserved for as long as this process lives.
+
+    Why not the kernel's ``bind(0)``: it hands out ports from the ephemeral range, the very range
+    every outgoing connection takes its local port from, and frees the port as soon as it
+    answers. Between that answer and the service's own bind, a connection of any process (or
+    another stack's pick) could take the port: the service then failed to bind, and its
+    readiness check was answered by whoever held the port (a suite run saw a callback receiver
+    exit so, and another stack's S3 answer at its address). So the port is drawn below the
+    ephemeral range, where no connection lands, and locked (``flock`` on a file named after it,
+    shared by every process on the machine): a lock dies with its holder, so a killed test run
+    leaves nothing to clean up.
+    """
+    low, _ = _ephemeral_range()
+    first = max(1024, low - 12000)
+    directory = Path(tempfile.gettempdir()) / "docpipe-ports"
+    directory.mkdir(exist_ok=True)
+    with _RESERVING:
+        for _ in range(500):
+            port = random.randrange(first, low)
+            if port in _RESERVED:
+                continue
+            try:
+                fd = os.open(directory / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+            except OSError:
+                continue  # another user's reservation
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)  # another process holds it
+                continue
+            if _bindable(port):
+                _RESERVED[port] = fd
+                return port
+            os.close(fd)  # held by something that is not a stack of ours
+    raise RuntimeError(f"no free port between {first} and {low}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS' starts at 49152, so this range is below it too
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:

@@ -27,6 +27,7 @@ import pytest
 import requests
 from PIL import Image, PngImagePlugin
 
+from pipeline.devstack import free_port
 from emulators.common import SlidingWindowLimit
 from tests.conftest import EmulatorControl
 
@@ -49,15 +50,10 @@ CARD_LINES = ["Name: Alice", "Number: 4711", "| Item | Qty |", "| Tea | 2 |"]
 CLOCK_TEXT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # "2025-03-17 15:37:55", lines 171-173
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def emulator_url() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "emulators", "baidu", "--port", str(port), "--config", json.dumps(EMULATOR)]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import pytest
 import requests
 from reportlab.pdfgen import canvas
 
+from pipeline.devstack import free_port
 from emulators.documents import directive, find_directive
 from pipeline import samples
 from tests.tuputech_signing import generate_key_pair, open_sealed, signed_submit_body
@@ -57,11 +57,6 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = 10.0) ->
         time.sleep(0.03)
     return value
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _healthy(base_url: str) -> bool:

@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import requests
 from pypdf import PdfReader
 from reportlab.pdfgen import canvas
 
+from pipeline.devstack import free_port
 from tests.conftest import EmulatorControl
 from tests.seeds import SEEDS, seed_text
 
@@ -63,11 +63,6 @@ TOO_FAST = "请求过于频繁"  # the seed documents no limit: the emulator's 4
 
 # --- fixtures and helpers -------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

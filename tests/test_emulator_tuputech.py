@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from PIL import Image
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen import canvas
 
+from pipeline.devstack import free_port
 from emulators.tuputech import document_pages
 from tests.tuputech_signing import generate_key_pair, open_sealed, rsa_sign, rsa_verify, signed_submit_body
 
@@ -162,11 +162,6 @@ class Emulator:
         return requests.get(f"{self.base_url}/_emulator/public_key", timeout=5).text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start(client_keys: tuple[str, str], log: Path, **overrides: Any) -> tuple[subprocess.Popen[bytes], Emulator]:
     """An emulator process with the test account, fast processing and fast retries, plus ``overrides``."""
@@ -178,7 +173,7 @@ def _start(client_keys: tuple[str, str], log: Path, **overrides: Any) -> tuple[s
         "callback_retry_delay": 0.05,
         **overrides,
     }
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "emulators", "tuputech", "--port", str(port), "--config", json.dumps(config)],
@@ -438,7 +433,7 @@ def test_file_errors_come_back_as_code_14(
     emulator = start_emulator(max_doc_bytes=1000)
     big = files.put("big.txt", b"z" * 1001)
     assert _submit(emulator, client_keys, big, f"{callbacks.base_url}/big")["code"] == 0  # "超出时回调状态码 14"
-    gone = f"http://127.0.0.1:{_free_port()}/nowhere.pdf"
+    gone = f"http://127.0.0.1:{free_port()}/nowhere.pdf"
     assert _submit(emulator, client_keys, gone, f"{callbacks.base_url}/gone")["code"] == 0
     for path in ("/big", "/gone"):
         result = open_sealed(emulator.public_key(), callbacks.wait(path)[0][0])

@@ -111,3 +111,24 @@ def test_up_prints_every_url_and_everything_it_started_stops_with_it(tmp_path, s
         assert name in output
     wait_until(lambda: not any(_alive(pid) for pid in started), 30, "every process of the stack stopped")
     assert not state.exists()
+
+
+def test_service_ports_are_reserved_across_processes_and_kept_off_the_ephemeral_range():
+    """Two stacks starting side by side (xdist workers) never draw the same port, and no outgoing
+    connection can take one between its draw and the service's bind: a callback receiver that lost
+    its port so exited, and its readiness check was answered by another stack's S3."""
+    from pipeline.devstack import _ephemeral_range, free_port
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pipeline.devstack import free_port\n"
+         "print(*[free_port() for _ in range(50)], flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        theirs = {int(p) for p in holder.stdout.readline().split()}  # held until its stdin closes
+        ours = {free_port() for _ in range(50)}
+    finally:
+        holder.communicate("", timeout=30)
+    assert len(theirs) == len(ours) == 50
+    assert not theirs & ours
+    assert max(theirs | ours) < _ephemeral_range()[0]
