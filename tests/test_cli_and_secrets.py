@@ -131,6 +131,9 @@ def test_no_secret_in_any_log_record_or_archive(stack, tmp_path):
     # tasks are those that start a step, and each one's result names the stages it ran.
     assert {t["name"] for t in seen.values()} >= {f"docpipe.{p}.{s}" for p in ("baidu", "idp", "tuputech") for s in ("stage", "await")}
     assert any("archive" in str(t.get("result")) for t in seen.values() if t["name"].endswith(".await"))
+    # Each task shows the document it works for, not its whole job (workers.tasks._shown_as).
+    shown = [t["args"] for t in seen.values() if t.get("args") and not t["name"].endswith(".dispatch")]
+    assert shown and all(re.fullmatch(r"\('(baidu|idp|tuputech)/[0-9a-f]{32} \(.+\)',\)", args) for args in shown), shown[:3]
     broker_text = _broker_text(client)
     for where, text in (("Flower", flower_text), ("the broker", broker_text)):
         for secret in secrets:

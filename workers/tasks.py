@@ -28,7 +28,17 @@ def publish(step: str, payload: dict[str, Any], msg: str, countdown: float, *, r
         queue=f"docpipe.{provider}",
         priority=stages.priority(step, redriven=redriven),
         countdown=countdown or None,
+        **_shown_as(f"{provider}/{payload['job_id']} ({payload.get('source', '')})"),
     )
+
+
+def _shown_as(label: str) -> dict[str, str]:
+    """How a message's arguments show in Flower and the workers' logs: the document's label.
+
+    Left to Celery, each publish walked the whole job with ``saferepr`` to show it (1.6 ms of
+    the enqueuer's 12 ms per document under cProfile, and as much in every step's publish),
+    and Flower showed a dict cut off at 1024 characters."""
+    return {"argsrepr": repr((label,)), "kwargsrepr": "{}"}
 
 
 def publish_redriven(step: str, payload: dict[str, Any], msg: str, countdown: float) -> None:
@@ -43,6 +53,7 @@ def publish_dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) ->
         args=(firsts,),
         queue=f"docpipe.{provider}",
         priority=stages.priority("stage"),
+        **_shown_as(f"{len(firsts)} {provider} documents from a listing"),
     )
 
 
