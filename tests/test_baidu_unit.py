@@ -6,15 +6,22 @@ import time
 
 import base64
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import quote_plus, urlencode
 
 import httpx
 import pytest
 
 from pipeline import sniff
+from pipeline.config import Settings
 from pipeline.errors import AuthExpired, Permanent, RateLimited, Transient
+from pipeline.limits import RateLimiter
 from pipeline.models import DocumentInfo, Job
 from pipeline.providers import baidu
+from pipeline.runtime import Runtime
 from tests.conftest import RecordedSubmission
 from tests.seeds import BAIDU_SEED, json_between, seed_text
 
@@ -223,23 +230,14 @@ def test_combo_leaves_and_locations_as_lists_as_the_table_reads_them():
     assert (field.name, field.value, field.group, field.row, field.box) == ("单价", "2.30", "rows", 0, leaf[0]["location"][0]["box"])
 
 
-def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_sent_on_a_new_grant():
-    """A worker thread the machine holds between the grant check and its socket: the request is
-    stopped right before its headers go out (httpcore's trace), a new send time is asked for,
-    and the provider sees it once."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from pipeline.config import Settings
-    from pipeline.limits import RateLimiter
-    from pipeline.runtime import Runtime
-
-    arrivals: list[float] = []
-
+@contextmanager
+def _posts_answered(on_post: Callable[[], None]) -> Iterator[str]:
+    """A plain HTTP server that answers every POST ``{}`` and calls ``on_post`` once its body is in;
+    yields its base URL."""
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            arrivals.append(time.time())
+            on_post()
             self.send_response(200)
             self.end_headers()
             self.wfile.write(b"{}")
@@ -249,6 +247,25 @@ def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_se
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def _submit_through(limiter: RateLimiter, base_url: str) -> httpx.Response:
+    """One submit request sent by a baidu provider whose limiter is ``limiter``."""
+    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=base_url)
+    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http_client=httpx.Client())
+    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
+    provider.rt, provider.settings = runtime, settings
+    return provider.send("submit", runtime.http.build_request("POST", f"{base_url}/x", content=b"body"))
+
+
+def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_sent_on_a_new_grant():
+    """A worker thread the machine holds between the grant check and its socket: the request is
+    stopped right before its headers go out (httpcore's trace), a new send time is asked for,
+    and the provider sees it once."""
 
     class LateOnce(RateLimiter):
         def __init__(self):
@@ -268,47 +285,18 @@ def test_a_request_held_up_past_its_send_time_is_stopped_before_it_leaves_and_se
         def give_back(self, key, granted):
             self.given_back.append(granted)
 
-    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=f"http://127.0.0.1:{server.server_port}")
+    arrivals: list[float] = []
     limiter = LateOnce()
-    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http_client=httpx.Client())
-    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
-    provider.rt, provider.settings = runtime, settings
-    try:
-        request = runtime.http.build_request("POST", f"{settings.baidu_base_url}/x", content=b"body")
-        assert provider.send("submit", request).status_code == 200
-    finally:
-        server.shutdown()
+    with _posts_answered(lambda: arrivals.append(time.time())) as base_url:
+        assert _submit_through(limiter, base_url).status_code == 200
     assert limiter.grants == 2 and len(arrivals) == 1  # held back once, sent once
     assert limiter.given_back == [1.0]  # the unused grant went back to the log
-
 
 
 def test_a_departure_is_told_to_the_limiter_as_the_headers_leave_before_the_body_and_the_answer():
     """A request that left late moves its place in the limiter's log; told only once its answer
     came (after the upload and the provider's work), the move could come after a grant a window
     later had been made from the old place, and three requests shared the provider's second."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from pipeline.config import Settings
-    from pipeline.limits import RateLimiter
-    from pipeline.runtime import Runtime
-
-    told_when_body_came: list[list[float]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            told_when_body_came.append(list(limiter.told))
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
 
     class Recording(RateLimiter):
         def __init__(self):
@@ -324,18 +312,13 @@ def test_a_departure_is_told_to_the_limiter_as_the_headers_leave_before_the_body
             self.told.append(left)
             return True
 
-    settings = Settings(baidu_api_key="AK", baidu_secret_key="SK", baidu_base_url=f"http://127.0.0.1:{server.server_port}")
     limiter = Recording()
-    runtime = Runtime(settings=settings, redis=None, limiter=limiter, leases=None, ledger=None, processing=None, http_client=httpx.Client())
-    provider = baidu.BaiduProvider.__new__(baidu.BaiduProvider)
-    provider.rt, provider.settings = runtime, settings
-    try:
-        request = runtime.http.build_request("POST", f"{settings.baidu_base_url}/x", content=b"body")
-        assert provider.send("submit", request).status_code == 200
-    finally:
-        server.shutdown()
+    told_when_body_came: list[list[float]] = []
+    with _posts_answered(lambda: told_when_body_came.append(list(limiter.told))) as base_url:
+        assert _submit_through(limiter, base_url).status_code == 200
     assert len(limiter.told) == 1  # once, and already when the provider had the body
     assert told_when_body_came == [limiter.told]
+
 
 def test_a_document_the_stage_read_whole_is_measured_for_the_size_limit_without_reading_it_again(monkeypatch):
     """baidu's 10 MB is counted after base64 and url-encoding, which depends on the bytes. A small
