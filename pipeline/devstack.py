@@ -177,7 +177,9 @@ def local_http() -> httpx.Client:
 
 
 def _http_ok(url: str) -> bool:
-    return local_http().get(url, timeout=1.0).status_code < 500
+    """The service's own health route answers 200: any other answer is not ours (a foreign server
+    holding the port answers 404 to our route, and its answer must not pass for readiness)."""
+    return local_http().get(url, timeout=1.0).status_code == 200
 
 
 def _point_celery_at(broker_url: str) -> None:
