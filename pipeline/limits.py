@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 MIN_RETRY = 0.05  # seconds: the soonest a refused caller is told to ask again
 LATE_ENOUGH_TO_RECORD = 0.010  # seconds: later than this (the lateness a grant tolerates), a request's real departure replaces its send time
 
-# KEYS[1] = log of scheduled send times (newest first, Redis times in µs); ARGV[1] = requests per
+# KEYS[1] = log of scheduled send times (newest first, Redis times in µs; every one of the last
+# window, however many: see the trimming below); ARGV[1] = requests per
 # window, ARGV[2] = window (µs), ARGV[3] = least spacing between two sends (µs), ARGV[4] = the
 # caller's lead (µs): how long after this script runs its request can leave at the earliest,
 # ARGV[5] = how much later than that the caller is ready to wait for its send time (µs),
@@ -80,7 +81,16 @@ if at > now + lead + tonumber(ARGV[5]) then
   return {at - now - lead, now, 0, math.max(turn, 0)}
 end
 redis.call('LPUSH', KEYS[1], string.format('%.0f', at))
-redis.call('LTRIM', KEYS[1], 0, limit - 1)
+-- Trimmed by age, not to the limit's count: an entry bounds every grant less than a window after
+-- it, and the grant that pushed it out of a count can be given back (its request never left).
+-- Trimmed to the count, the next caller then found a log without it and was granted a send
+-- time a spacing after the second-newest: three requests in one provider second.
+local oldest_kept = now - window
+local tail = redis.call('LINDEX', KEYS[1], -1)
+while tail and tonumber(tail) <= oldest_kept do
+  redis.call('RPOP', KEYS[1])
+  tail = redis.call('LINDEX', KEYS[1], -1)
+end
 -- The log lives until a window after its furthest send time: a grant made up to the horizon
 -- ahead must still be in the log for the whole window that follows it. (It lived a window from
 -- *now*: a send time granted 2 s ahead outlived its log, the next caller found it empty, and
