@@ -269,12 +269,12 @@ def test_what_runs_before_the_send_is_started_early_enough_to_leave_on_time(stac
     made every grant late, again and again, until the caller gave up (RateWait)."""
     limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
     key, rate = f"test:before-send:{time.time()}", Rate(2, per=1.0)
-    lateness = []
-    for _ in range(5):
-        at = limiter.acquire(key, rate, max_wait=5.0, before_send=lambda: time.sleep(0.05))
-        lateness.append(limiter.late_by(at))
-    assert all(late <= limiter.tolerance(rate) for late in lateness), lateness
-    assert limiter.late_sends < 5, lateness  # it learnt: not every grant was met late
+    # acquire returns a grant only when it met it within its tolerance (else it gives it back and
+    # asks again): five returns within max_wait are five requests on time. Measured again here,
+    # after the return, the lateness would be this test's own (a loaded box: 10.6 ms once).
+    granted = [limiter.acquire(key, rate, max_wait=5.0, before_send=lambda: time.sleep(0.05)) for _ in range(5)]
+    assert len(granted) == 5
+    assert limiter.late_sends < 5  # it learnt: not every grant was met late
 
 
 def test_send_times_granted_far_ahead_outlive_a_quiet_spell(stack):
