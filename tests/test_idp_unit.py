@@ -483,6 +483,27 @@ def test_a_real_not_found_stays_a_not_found_under_both_prefixes():
     assert provider._prefix == ""
 
 
+
+def test_a_not_found_in_the_apis_own_words_settles_the_prefix_it_came_from():
+    """The table's prefix answered by the front server's page (not routed) and the examples' by the
+    API's JSON, even to say the task is not there: the examples' prefix is the one served, and it is
+    kept, not undone as if neither were."""
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path.startswith("/api/"):
+            return httpx.Response(404, text="<html><title>404 Not Found</title></html>")
+        return refusal(404, wire.EXTRACT_NOT_FOUND)
+
+    provider = make_provider(handler)  # the table's /api first
+    for _ in range(2):
+        with pytest.raises(Permanent):
+            provider.poll(make_job())
+    api, examples = f"/api/extracting/v2/{EXTRACT_ID}", f"/extracting/v2/{EXTRACT_ID}"
+    assert paths == [api, examples, examples, api]  # the second poll starts where the API answered
+    assert provider._prefix == ""
+
 @pytest.mark.parametrize("status", [3, 42])
 def test_text_converted_and_unlisted_statuses_keep_polling_and_name_the_status(status):
     outcome = make_provider(lambda request: httpx.Response(200, json=result_body(status))).poll(make_job())

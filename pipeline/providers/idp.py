@@ -263,17 +263,24 @@ class IdpProvider(Provider):
             response = attempt(token, prefix)
         if response.status_code == 404:
             other = "" if prefix else wire.API_PREFIX
-            # Taken before the resend asks for its send time: a step put off while it waits
-            # (RateWait) comes back to the other prefix first. Kept to the answer, every re-run
-            # spent its queue turn on the path it knew 404s, and the resend waited again behind
-            # the queue (bench.polling: no idp task made in 20 minutes).
-            self._prefix = other
+            # A 404 in the API's own JSON is a real "not found" under a prefix that is served; one
+            # in the front server's page says the path is not routed. Then the other reading is
+            # taken before the resend asks for its send time: a step put off while it waits
+            # (RateWait) comes back to it first. Kept to the answer, every re-run spent its queue
+            # turn on the path it knew 404s, and the resend waited again behind the queue
+            # (bench.polling: no idp task made in 20 minutes).
+            served_here = _refusal_message(response) is not None
+            if not served_here:
+                self._prefix = other
             retried = attempt(token, other)
-            if retried.status_code != 404:
-                log.info("idp serves %s%s, not %s%s: using that prefix from now on", other or "(no prefix)", path, prefix, path)
+            served_there = retried.status_code != 404 or (_refusal_message(retried) is not None and not served_here)
+            if served_there:
+                if retried.status_code != 404:
+                    log.info("idp serves %s%s, not %s%s: using that prefix from now on", other or "(no prefix)", path, prefix, path)
+                self._prefix = other
                 response = retried
-            else:
-                self._prefix = prefix  # a 404 under both: a real "not found", and the first reading stands
+            elif not served_here:
+                self._prefix = prefix  # routed under neither (a front server's fault): the first reading stands
         return response
 
     def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
