@@ -103,19 +103,26 @@ def free_port() -> int:
     shared by every process on the machine): a lock dies with its holder, so a killed test run
     leaves nothing to clean up.
     """
-    low, _ = _ephemeral_range()
-    first = max(1024, low - 12000)
+    span = _unshared_span()
+    if span is None:  # an ephemeral range that leaves no room around it: the kernel's pick, unreserved
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    first, last = span
     directory = Path(tempfile.gettempdir()) / "docpipe-ports"
-    directory.mkdir(exist_ok=True)
+    if not directory.is_dir():
+        directory.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            directory.chmod(0o1777)  # every user's stacks reserve here (sticky, as /tmp is)
     with _RESERVING:
         for _ in range(500):
-            port = random.randrange(first, low)
+            port = random.randrange(first, last)
             if port in _RESERVED:
                 continue
             try:
-                fd = os.open(directory / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+                fd = os.open(directory / str(port), os.O_CREAT | os.O_RDONLY, 0o444)  # flock needs no write access
             except OSError:
-                continue  # another user's reservation
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -125,7 +132,17 @@ def free_port() -> int:
                 _RESERVED[port] = fd
                 return port
             os.close(fd)  # held by something that is not a stack of ours
-    raise RuntimeError(f"no free port between {first} and {low}")
+    raise RuntimeError(f"no free port between {first} and {last}")
+
+
+def _unshared_span(size: int = 12000, least: int = 1000) -> tuple[int, int] | None:
+    """Ports no outgoing connection takes: below the ephemeral range, else above it."""
+    low, high = _ephemeral_range()
+    if low - 1024 >= least:
+        return max(1024, low - size), low
+    if 65535 - high >= least:
+        return high + 1, min(65536, high + 1 + size)
+    return None
 
 
 def _ephemeral_range() -> tuple[int, int]:
