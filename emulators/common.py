@@ -82,15 +82,21 @@ class EndpointStats:
     # route would have trailed the wire by (see emulators.wire).
     route_lag_max: float = 0.0
     last_route_lag: float = 0.0
-    _last_second: deque[float] = field(default_factory=deque, repr=False)
+    _recent: list[float] = field(default_factory=list, repr=False)  # the last 2 s of stamps, in order
 
     def arrived(self, at: float) -> None:
+        """Count a stamp in the most arrivals any 1 s has held. Stamps taken off the wire can come
+        a little out of order (two connections, two routes): each is placed where it belongs and
+        every second it falls in is counted, not only the one it ends."""
         self.arrivals.append(at)
-        recent = self._last_second
-        recent.append(at)
-        while recent and recent[0] <= at - 1.0:
-            recent.popleft()
-        self.max_in_1s = max(self.max_in_1s, len(recent))
+        recent = self._recent
+        bisect.insort(recent, at)
+        del recent[: bisect.bisect_right(recent, recent[-1] - 2.0)]
+        mine = bisect.bisect_left(recent, at)
+        for last in range(mine, len(recent)):
+            if recent[last] - at >= 1.0:
+                break
+            self.max_in_1s = max(self.max_in_1s, last - bisect.bisect_right(recent, recent[last] - 1.0) + 1)
 
     def max_in_window(self, window: float = 1.0) -> int:
         """The most requests that arrived within any ``window`` seconds (half-open: (t-window, t])."""

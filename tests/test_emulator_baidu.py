@@ -28,7 +28,7 @@ import requests
 from PIL import Image, PngImagePlugin
 
 from pipeline.devstack import free_port
-from emulators.common import SlidingWindowLimit
+from emulators.common import EndpointStats, SlidingWindowLimit, max_in_window
 from tests.conftest import EmulatorControl
 
 # Its module-scoped servers start once, on one xdist worker, not once on every worker that runs one of its tests.
@@ -397,3 +397,10 @@ def test_the_limit_checks_every_window_a_stamp_that_reached_its_route_late_falls
     assert not window.allow("k", 2, now=10.3)  # (9.3, 10.3] would hold two, (9.65, 10.65] three
     assert not window.allow("k", 2, now=11.55)  # after the newest: (10.55, 11.55] would hold three
     assert window.allow("k", 2, now=11.7)  # (10.7, 11.7] holds 11.5 and itself
+
+
+def test_the_most_arrivals_in_a_second_counts_stamps_that_reached_their_route_late():
+    stats = EndpointStats()
+    for stamp in [0.0003, 0.0004, 0.5, 1.0011, 0.9999]:  # the last stamped before the one ahead of it
+        stats.arrived(stamp)
+    assert stats.max_in_1s == 4 == max_in_window(stats.arrivals)  # the second up to 0.9999 holds four
