@@ -177,6 +177,7 @@ def test_a_callback_wakes_a_step_waiting_at_await_and_no_step_a_worker_holds(rec
 
     assert rt.ledger.claim(job_id, msg, "worker-b") == "ok"  # now a worker runs the step
     assert not callbacks.wake(job_id) and len(published) == 1
+    assert rt.ledger.finish(job_id, msg, "worker-b")  # not left in flight for the tests after it
 
 
 @pytest.mark.parametrize(
