@@ -92,11 +92,7 @@ class EndpointStats:
         recent = self._recent
         bisect.insort(recent, at)
         del recent[: bisect.bisect_right(recent, recent[-1] - 2.0)]
-        mine = bisect.bisect_left(recent, at)
-        for last in range(mine, len(recent)):
-            if recent[last] - at >= 1.0:
-                break
-            self.max_in_1s = max(self.max_in_1s, last - bisect.bisect_right(recent, recent[last] - 1.0) + 1)
+        self.max_in_1s = max(self.max_in_1s, most_in_a_window_holding(recent, at))
 
     def max_in_window(self, window: float = 1.0) -> int:
         """The most requests that arrived within any ``window`` seconds (half-open: (t-window, t])."""
@@ -116,6 +112,17 @@ class EndpointStats:
             "violations": self.violations,
             "route_lag_max_ms": round(self.route_lag_max * 1000, 1),
         }
+
+
+def most_in_a_window_holding(ordered: list[float], at: float, window: float = 1.0) -> int:
+    """The most stamps of ``ordered`` (sorted, holding ``at``) in any window (t - window, t] that
+    holds ``at``: the windows a stamp that came out of order can overfill, not only the one it ends."""
+    most = 0
+    for last in range(bisect.bisect_left(ordered, at), len(ordered)):
+        if ordered[last] - at >= window:
+            break
+        most = max(most, last - bisect.bisect_right(ordered, ordered[last] - window) + 1)
+    return most
 
 
 def max_in_window(times: list[float], window: float = 1.0) -> int:
@@ -153,12 +160,8 @@ class SlidingWindowLimit:
                 q.append(now)
                 return True
             stamps = sorted([*q, now])
-            mine = bisect.bisect_left(stamps, now)
-            for last in range(mine, len(stamps)):
-                if stamps[last] - now >= window:
-                    break
-                if last - bisect.bisect_right(stamps, stamps[last] - window) + 1 > limit:
-                    return False
+            if most_in_a_window_holding(stamps, now, window) > limit:
+                return False
             self._accepted[key] = deque(stamps)
             return True
 
@@ -246,11 +249,8 @@ class LoopWatch:
         """How long before ``stamp`` the loop last ran: the request may have waited that long unread.
         A stamp taken off the wire is older than the route that asks, so the tick is looked up
         before it, not taken as the latest."""
-        ticks = self._ticks
-        if ticks and ticks[-1] <= stamp:
-            return max(0.0, stamp - ticks[-1] - self.TICK)
-        before = bisect.bisect_right(ticks, stamp)
-        return max(0.0, stamp - ticks[before - 1] - self.TICK) if before else 0.0
+        before = bisect.bisect_right(self._ticks, stamp)
+        return max(0.0, stamp - self._ticks[before - 1] - self.TICK) if before else 0.0
 
 
 class Emulator:
