@@ -271,11 +271,14 @@ def test_what_runs_before_the_send_is_started_early_enough_to_leave_on_time(stac
     limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]), safety=0.97)
     key, rate = f"test:before-send:{time.time()}", Rate(2, per=1.0)
     # acquire returns a grant only when it met it within its tolerance (else it gives it back and
-    # asks again): five returns within max_wait are five requests on time. Measured again here,
-    # after the return, the lateness would be this test's own (a loaded box: 10.6 ms once).
+    # asks again): five returns within max_wait are five requests on time. Neither the lateness
+    # measured again after the return (this test's own: 10.6 ms once with a CPU hog) nor the count
+    # of late tries (7 for 5 grants once, with a hog) is the limiter's alone to keep.
     granted = [limiter.acquire(key, rate, max_wait=5.0, before_send=lambda: time.sleep(0.05)) for _ in range(5)]
-    assert len(granted) == 5
-    assert limiter.late_sends < 5  # it learnt: not every grant was met late
+    assert len(granted) == 5 and granted == sorted(set(granted))
+    # What it starts the step ahead by: the step's own time, learnt (a try made without it is
+    # late by the whole step, whatever the load).
+    assert limiter._before_send_takes[key].p90() >= 0.05
 
 
 def test_send_times_granted_far_ahead_outlive_a_quiet_spell(stack):
