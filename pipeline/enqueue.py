@@ -26,7 +26,7 @@ from kombu.exceptions import KombuError
 
 from pipeline import jobs, sniff, stages, storage
 from pipeline.errors import BadInput
-from pipeline.models import Job, JobError, NormalizedResult
+from pipeline.models import Job, JobError, NormalizedResult, document_label
 from pipeline.providers import provider_class
 from pipeline.runtime import get_runtime
 
@@ -35,7 +35,7 @@ class DocumentFailedError(RuntimeError):
     """Raised by ``JobHandle.wait`` when the document ended with an ``error.json``."""
 
     def __init__(self, error: JobError) -> None:
-        super().__init__(f"{error.provider}/{error.job_id} ({error.source}) failed at {error.stage}: {error.message}")
+        super().__init__(f"{document_label(error.provider, error.job_id, error.source)} failed at {error.stage}: {error.message}")
         self.error = error
 
 
@@ -72,7 +72,7 @@ class JobHandle:
             if isinstance(final, JobError):
                 raise DocumentFailedError(final)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.provider}/{self.job_id} ({self.source}) not finished after {timeout:.0f}s (state {state})")
+                raise TimeoutError(f"{document_label(self.provider, self.job_id, self.source)} not finished after {timeout:.0f}s (state {state})")
             checks += 1
             time.sleep(interval)
 

@@ -64,7 +64,12 @@ class Job(BaseModel):
 
     def label(self) -> str:
         """How log lines and errors name the document."""
-        return f"{self.provider}/{self.job_id} ({self.source})"
+        return document_label(self.provider, self.job_id, self.source)
+
+
+def document_label(provider: str, job_id: str, source: str) -> str:
+    """How docpipe names a document everywhere (logs, errors, Flower): ``provider/job_id (source)``."""
+    return f"{provider}/{job_id} ({source})"
 
 
 class ExtractedField(BaseModel):

@@ -14,6 +14,7 @@ from celery import Task
 
 from pipeline import driver, stages
 from pipeline.liveness import holder_id
+from pipeline.models import document_label
 from pipeline.providers import provider_names
 from workers.app import app
 
@@ -28,7 +29,7 @@ def publish(step: str, payload: dict[str, Any], msg: str, countdown: float, *, r
         queue=f"docpipe.{provider}",
         priority=stages.priority(step, redriven=redriven),
         countdown=countdown or None,
-        **_shown_as(f"{provider}/{payload['job_id']} ({payload.get('source', '')})"),
+        **_shown_as(document_label(provider, payload["job_id"], payload.get("source", ""))),
     )
 
 
