@@ -149,9 +149,10 @@ def test_a_far_token_raises_ratewait_instead_of_sleeping(stack):
 def test_refused_callers_take_nothing(stack):
     limiter = RateLimiter(redis.Redis.from_url(stack.env["DOCPIPE_REDIS_URL"]))
     key = f"test:refused:{time.time()}"
-    # Send times 2 s apart: the 50 refusals come well before the next one on a loaded machine too
-    # (at 0.5 s apart, a CPU hog stretched them past it, and the last caller was rightly granted).
-    rate = Rate(2, per=4.0)
+    # Send times 2 s apart (the least spacing is half the 4 s interval): the 50 refusals come well
+    # before the next one on a loaded machine too (at 0.5 s apart, a CPU hog stretched them past
+    # it, and the last caller was rightly granted; at 1 s apart, with per=4.0, a loaded suite did).
+    rate = Rate(2, per=8.0)
     assert limiter.try_acquire(key, rate)[0] == 0
     refusals = [limiter.try_acquire(key, rate)[0] for _ in range(50)]
     assert all(0 < wait <= 2.0 for wait in refusals)
