@@ -42,11 +42,9 @@ def rss_mb() -> float:
     return 0.0
 
 
-def fill_bucket(bucket: str, prefix: str, keys: int, threads: int = 16, endpoint: str | None = None) -> float:
-    """Put ``keys`` small PDFs; straight to moto when ``endpoint`` names it (the setting up is not
-    what is measured, and the signature-checking front halves its pace)."""
-    settings = get_settings()
-    client = storage.s3_client(settings if endpoint is None else settings.model_copy(update={"s3_endpoint_url": endpoint}))
+def fill_bucket(bucket: str, prefix: str, keys: int, threads: int = 16) -> float:
+    """Put ``keys`` small PDFs."""
+    client = storage.s3_client(get_settings())
     client.create_bucket(Bucket=bucket)
     started = time.monotonic()
 
@@ -104,7 +102,7 @@ def run(keys: int, baseline_keys: int = 3000, concurrency: int = 8, held_keys: i
             stack.start_base(("baidu",))
             stack.activate()
             print(f"putting {keys} objects into s3://bench-inbox/scans/ ...", flush=True)
-            put_s = fill_bucket("bench-inbox", "scans/", keys, endpoint=f"http://127.0.0.1:{stack.ports['moto']}")
+            put_s = fill_bucket("bench-inbox", "scans/", keys)
             samples: list[tuple[float, int, float]] = []  # (seconds, documents enqueued, RSS MB)
             done = threading.Event()
             counted = [0]

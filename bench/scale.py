@@ -142,20 +142,19 @@ VOLUME_LIMITS = {"baidu": ("submit", 2.0 * RAISE), "idp": ("task", 2.0 * RAISE)}
 
 
 def send_listed(chaos: Any, documents: int) -> list[Any]:
-    """Put the documents in an inbox bucket (straight to moto: setting up, not measured), then
-    enqueue each provider's prefix from its listing, as ``docpipe ingest`` does."""
+    """Put the documents in an inbox bucket (setting up, not measured), then enqueue each
+    provider's prefix from its listing, as ``docpipe ingest`` does."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.batches import list_sources
     from pipeline.enqueue import enqueue_listed
 
-    settings = get_settings()
-    moto = storage.s3_client(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{chaos.stack.ports['moto']}"}))
-    moto.create_bucket(Bucket="volume-inbox")
+    inbox = storage.s3_client(get_settings())
+    inbox.create_bucket(Bucket="volume-inbox")
     made = chaos.documents("volume", documents)
     files = [(path, f"{provider}/{path.name}") for provider, paths in made.items() for path in paths]
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda item: moto.upload_file(str(item[0]), "volume-inbox", item[1]), files))
+        list(pool.map(lambda item: inbox.upload_file(str(item[0]), "volume-inbox", item[1]), files))
     handles = []
     for provider in made:
         for sent in enqueue_listed(list_sources(f"s3://volume-inbox/{provider}/"), provider):

@@ -4,13 +4,14 @@ Why it exists: moto's server accepts any signature, ignores a presigned URL's me
 never lets one expire, so a client that signs wrongly (a presigned GET used for HEAD, a
 stale URL, the wrong secret) passes every local test and fails only against AWS. This
 proxy is the referee: it answers such requests with S3's own 403s and XML errors, and
-forwards the rest to moto unchanged, streaming both ways.
+hands the rest to moto unchanged. moto's S3 runs in this same process (``moto_wsgi``): one
+HTTP hop, as with S3 itself, and a third of the CPU two servers took per request.
 
 It also plays S3 outages on demand (``POST /_proxy/faults``): for a while every request
 is answered 503 SlowDown (or 500 InternalError), as S3 does when it sheds load.
 
-``python -m emulators.s3proxy --listen-port P --upstream http://127.0.0.1:M
---access-key testing --secret-key testing [--region us-east-1]``
+``python -m emulators.s3proxy --listen-port P --access-key testing --secret-key testing
+[--region us-east-1]``
 
 It also counts, per object key, the writes S3 accepted (``GET /_proxy/writes``): the
 referee of "a result is archived once".
@@ -25,7 +26,6 @@ client's reading of the protocol could never catch its mistakes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -33,7 +33,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import formatdate, parsedate_to_datetime
@@ -41,15 +41,15 @@ from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 from xml.sax.saxutils import escape
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulators import REFEREE_SERVER
+from emulators.moto_wsgi import MotoS3
 
 log = logging.getLogger("emulators.s3proxy")
 
@@ -310,36 +310,6 @@ def _iso(epoch: float) -> str:
 # --- the proxy -----------------------------------------------------------------------------------
 
 
-class PayloadMismatch(Exception):
-    """The body's SHA-256 is not the one the client signed."""
-
-    def __init__(self, declared: str, computed: str) -> None:
-        super().__init__(declared)
-        self.declared, self.computed = declared, computed
-
-
-async def _checked(stream: AsyncIterator[bytes], declared: str | None) -> AsyncIterator[bytes]:
-    """The body, passed on as it arrives, with its last chunk held back until its hash is known.
-
-    Why hold one back: if the hash is wrong the upstream request is cut short, so moto never
-    sees a complete body and never stores what S3 would have refused (XAmzContentSHA256Mismatch).
-    """
-    digest = hashlib.sha256() if declared else None
-    held = b""
-    async for chunk in stream:
-        if not chunk:
-            continue
-        if digest is not None:
-            digest.update(chunk)
-        if held:
-            yield held
-        held = chunk
-    if digest is not None and digest.hexdigest() != declared:
-        raise PayloadMismatch(declared, digest.hexdigest())
-    if held:
-        yield held
-
-
 @dataclass
 class Faults:
     mode: str = "ok"
@@ -405,34 +375,16 @@ class WriteCounts:
 
 
 class S3Proxy:
-    """The routes and state of one proxy: verifier, upstream client, faults and counters."""
+    """The routes and state of one front: verifier, moto's S3 behind it, faults and counters."""
 
-    def __init__(self, upstream: str, credentials: dict[str, str], region: str = "us-east-1") -> None:
-        self.upstream = httpx.URL(upstream)
+    def __init__(self, credentials: dict[str, str], region: str = "us-east-1") -> None:
+        self.moto = MotoS3()
         self.verifier = SigV4Verifier(dict(credentials), region)
         self.faults = Faults()
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.operations: Counter[str] = Counter()  # forwarded requests by kind ("GET object", "GET bucket?list-type")
         self.writes = WriteCounts()
-        self._client: httpx.AsyncClient | None = None
-
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(120.0, connect=5.0, pool=None),
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            )
-        return self._client
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            if self._client is not None:
-                await self._client.aclose()
-                self._client = None
 
     # -- control routes ------------------------------------------------------------------------
 
@@ -451,7 +403,7 @@ class S3Proxy:
             "forwarded": self.counts["forwarded"],
             "refused_signature": self.counts["refused_signature"],
             "refused_fault": self.counts["refused_fault"],
-            "upstream_errors": self.counts["upstream_errors"],
+            "moto_errors": self.counts["moto_errors"],
             "refusals_by_code": dict(self.refusals),
             "operations": dict(self.operations),
             "faults": self.faults.as_dict(),
@@ -508,54 +460,44 @@ class S3Proxy:
         return response
 
     async def _forward(self, request: Request, raw_path: bytes, raw_query: bytes, verified: Verified) -> Response:
-        has_body = "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
-        # The headers as the client sent them, Host included (moto builds its URLs from it);
-        # a chunked body is re-chunked by httpx, a Content-Length one keeps its length.
-        forward_headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
-        url = self.upstream.copy_with(raw_path=raw_path + (b"?" + raw_query if raw_query else b""))
-        body = _checked(request.stream(), verified.payload_sha256) if has_body else None
-        upstream_request = httpx.Request(request.method, url, headers=forward_headers, content=body)
+        """Hand the request to moto once its body is known to be the one the client signed:
+        moto never stores what S3 would have refused (XAmzContentSHA256Mismatch)."""
         try:
-            upstream = await self.client().send(upstream_request, stream=True)
-        except PayloadMismatch as mismatch:
+            body = await request.body()
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening any more
+        if verified.payload_sha256 and (computed := hashlib.sha256(body).hexdigest()) != verified.payload_sha256:
             self.counts["refused_signature"] += 1
             self.refusals["XAmzContentSHA256Mismatch"] += 1
             return S3Error(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not "
-                           "match what was computed.", ClientComputedContentSHA256=mismatch.declared,
-                           S3ComputedContentSHA256=mismatch.computed).response(request.method)
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening any more
-        except httpx.HTTPError as exc:
-            self.counts["upstream_errors"] += 1
-            log.warning("upstream failed for %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
-            return S3Error(503, "ServiceUnavailable", "Service is unable to handle request.").response(request.method)
+                           "match what was computed.", ClientComputedContentSHA256=verified.payload_sha256,
+                           S3ComputedContentSHA256=computed).response(request.method)
+        try:
+            # In a thread, as werkzeug's threaded server ran it: a large object's copy does not hold the loop.
+            answer = await run_in_threadpool(self.moto, request.scope, body)
+        except Exception as exc:  # moto's own failure: S3's 500, and the front stays up
+            self.counts["moto_errors"] += 1
+            log.warning("moto failed on %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
+            return S3Error(500, "InternalError", "We encountered an internal error. Please try again.").response(request.method)
         self.counts["forwarded"] += 1
         self.operations[_operation(request.method, raw_path, raw_query)] += 1
         # S3 has committed a write once it answers 2xx (a 412 to a conditional PUT wrote nothing).
-        if 200 <= upstream.status_code < 300 and (where := written_key(request.method, raw_path, raw_query)):
+        if 200 <= answer.status < 300 and (where := written_key(request.method, raw_path, raw_query)):
             self.writes.add(*where)
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
-                await upstream.aclose()
-
-        response = StreamingResponse(relay(), status_code=upstream.status_code,
-                                     background=BackgroundTask(upstream.aclose))
+        response = Response(answer.body, status_code=answer.status)
+        # moto's headers as it set them: a HEAD's Content-Length is the object's, not the empty body's.
         response.raw_headers = [
-            (k.lower(), v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers if k.lower() not in HOP_BY_HOP
         ]
         return response
 
 
 def create_app(
-    upstream: str, access_key: str = "testing", secret_key: str = "testing", region: str = "us-east-1",
+    access_key: str = "testing", secret_key: str = "testing", region: str = "us-east-1",
     *, credentials: dict[str, str] | None = None,
 ) -> Starlette:
-    """The proxy as an ASGI app; ``credentials`` (access key -> secret) adds more key pairs."""
-    proxy = S3Proxy(upstream, {access_key: secret_key, **(credentials or {})}, region)
+    """The front and moto's S3 as one ASGI app; ``credentials`` (access key -> secret) adds more key pairs."""
+    proxy = S3Proxy({access_key: secret_key, **(credentials or {})}, region)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]
     app = Starlette(
         routes=[
@@ -565,7 +507,6 @@ def create_app(
             Route("/_proxy/health", lambda request: JSONResponse({"ok": True}), methods=["GET"]),
             Route("/{path:path}", proxy.s3, methods=methods),
         ],
-        lifespan=proxy.lifespan,
     )
     app.state.proxy = proxy
     return app
@@ -575,16 +516,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m emulators.s3proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen-host", default="127.0.0.1")
     parser.add_argument("--listen-port", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="moto's URL, e.g. http://127.0.0.1:5000")
     parser.add_argument("--access-key", default="testing")
     parser.add_argument("--secret-key", default="testing")
     parser.add_argument("--region", default="us-east-1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.upstream, args.access_key, args.secret_key, args.region)
-    # No Date/Server of our own: the upstream's are forwarded, and two of each would be wrong.
+    app = create_app(args.access_key, args.secret_key, args.region)
     uvicorn.run(app, host=args.listen_host, port=args.listen_port, log_level="warning", access_log=False,
-                date_header=False, server_header=False, **REFEREE_SERVER)
+                server_header=False, **REFEREE_SERVER)
 
 
 if __name__ == "__main__":

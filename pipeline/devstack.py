@@ -275,7 +275,7 @@ class LocalStack:
         interrupt_on_termination()
         self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for service in ("redis", "s3", "moto", "flower", "callbacks"):
+        for service in ("redis", "s3", "flower", "callbacks"):
             self.ports.setdefault(service, free_port())
         self._tuputech_keys: dict[str, str] = {}
         self.flower_auth: tuple[str, str] | None = None
@@ -427,24 +427,19 @@ class LocalStack:
         return response.json()
 
     def start_s3(self) -> None:
-        """moto's S3 server behind ``emulators.s3proxy``, which checks every request's signature,
-        method included, as real S3 does (moto checks none): what S3 would refuse fails here too."""
+        """moto's S3 inside ``emulators.s3proxy``, which checks every request's signature, method
+        included, as real S3 does (moto checks none): what S3 would refuse fails here too."""
         self._all_ready(self._launch_s3())
 
     def _launch_s3(self) -> list[_Starting]:
-        moto_port = self.ports.setdefault("moto", free_port())
         port = self.ports.setdefault("s3", free_port())
-        moto = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)], nice=5)
         front = self._spawn(
             "s3",
-            [sys.executable, "-m", "emulators.s3proxy", "--listen-port", str(port), "--upstream", f"http://127.0.0.1:{moto_port}",
-             "--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY],
+            [sys.executable, "-m", "emulators.s3proxy", "--listen-port", str(port), "--access-key", S3_ACCESS_KEY,
+             "--secret-key", S3_SECRET_KEY],
             nice=5,
         )
-        return [
-            _Starting(moto, lambda: _http_ok(f"http://127.0.0.1:{moto_port}/moto-api/"), 30, "moto S3 server"),
-            _Starting(front, lambda: _http_ok(f"http://127.0.0.1:{port}/_proxy/health"), 30, "S3 signature-checking front"),
-        ]
+        return [_Starting(front, lambda: _http_ok(f"http://127.0.0.1:{port}/_proxy/health"), 30, "S3 (moto behind its signature-checking front)")]
 
     def s3_faults(self, mode: str, seconds: float | None = None) -> None:
         """Make S3 answer ``503 SlowDown`` (``"slowdown"``) or ``500`` (``"error500"``) for ``seconds``; ``"ok"`` ends it."""

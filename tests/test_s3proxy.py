@@ -1,7 +1,7 @@
-"""The S3 signature-checking proxy as a real process in front of moto's real S3 server.
+"""The S3 signature-checking front as a real process, with moto's real S3 inside it.
 
 What is pinned: everything boto3 does through it works (keys with spaces, unicode, ``%``,
-``+``; multipart uploads; ranges), byte for byte and streamed; and it refuses what AWS
+``+``; multipart uploads; ranges), byte for byte; and it refuses what AWS
 refuses, with AWS's codes: a presigned GET used for HEAD, a tampered or expired URL, the
 wrong secret, an unknown key, a body that is not the one signed, no signature at all.
 Outages come from its fault switch. Signatures are made by botocore (boto3 itself, or
@@ -54,7 +54,6 @@ AWKWARD_KEYS = [
 @dataclass
 class ProxiedS3:
     endpoint: str  # the proxy
-    moto: str
     proxy: subprocess.Popen
 
     def client(self, secret: str = "testing", key: str = "testing", region: str = "us-east-1") -> BaseClient:
@@ -79,36 +78,25 @@ class ProxiedS3:
                              content=body if send is None else send)
 
 
-def _rss_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedS3]:
-    moto_port, proxy_port = free_port(), free_port()
+    proxy_port = free_port()
     log = tmp_path_factory.mktemp("s3proxy") / "s3proxy.log"  # a file, not a pipe: a full pipe would block it
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with log.open("wb") as sink:  # the child keeps its own descriptor
         proxy = subprocess.Popen(
             [sys.executable, "-m", "emulators.s3proxy", "--listen-port", str(proxy_port),
-             "--upstream", f"http://127.0.0.1:{moto_port}", "--access-key", "testing", "--secret-key", "testing"],
+             "--access-key", "testing", "--secret-key", "testing"],
             stdout=subprocess.DEVNULL, stderr=sink,
         )
-    front = ProxiedS3(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{moto_port}", proxy)
+    front = ProxiedS3(f"http://127.0.0.1:{proxy_port}", proxy)
     try:
-        wait_until(lambda: httpx.get(f"{front.moto}/moto-api/").status_code == 200, 30, "moto")
-        wait_until(lambda: httpx.get(f"{front.endpoint}/_proxy/health").status_code == 200, 20, "s3proxy")
+        wait_until(lambda: httpx.get(f"{front.endpoint}/_proxy/health").status_code == 200, 30, "s3proxy")
+        assert httpx.get(f"{front.endpoint}/moto-api/").status_code == 200  # moto's own control pages, unsigned
         front.client().create_bucket(Bucket=BUCKET)
         yield front
     finally:
         proxy.terminate()
-        moto.terminate()
         proxy.wait(10)
-        moto.wait(10)
         assert "Traceback" not in log.read_text(), log.read_text()
 
 
@@ -176,18 +164,21 @@ def test_multipart_upload_file(proxied: ProxiedS3, s3: BaseClient, tmp_path: Pat
     assert across["Body"].read() == data[8 * MB - 10: 8 * MB + 10]
 
 
-def test_large_bodies_stream_through(proxied: ProxiedS3, s3: BaseClient) -> None:
-    size = 48 * MB
-    data = os.urandom(size)
-    rss_before = _rss_kb(proxied.proxy.pid, "VmRSS")
-    s3.put_object(Bucket=BUCKET, Key="big/single.bin", Body=io.BytesIO(data))  # one PUT, Content-Length 48 MB
+def test_a_large_body_goes_through_whole(s3: BaseClient) -> None:
+    """48 MB in one PUT (one Content-Length, no parts) and back, read in chunks.
+
+    Its memory is not checked here: the front reads a body whole (it must know the body's hash
+    before moto may store it), and moto keeps every object it stores in memory (standalone
+    ``moto.server`` kept 48 MB more per 48 MB object, measured): the process's memory is the
+    store's, as it was moto's before the two became one process.
+    """
+    data = os.urandom(48 * MB)
+    s3.put_object(Bucket=BUCKET, Key="big/single.bin", Body=io.BytesIO(data))
     got = s3.get_object(Bucket=BUCKET, Key="big/single.bin")["Body"]
     digest = hashlib.sha256()
     for chunk in got.iter_chunks(1 * MB):
         digest.update(chunk)
     assert digest.digest() == hashlib.sha256(data).digest()
-    peak_growth_mb = (_rss_kb(proxied.proxy.pid, "VmHWM") - rss_before) / 1024
-    assert peak_growth_mb < 24, f"the proxy's memory grew by {peak_growth_mb:.0f} MB for a 48 MB body"
 
 
 def test_streaming_trailer_upload(proxied: ProxiedS3, s3: BaseClient) -> None:
