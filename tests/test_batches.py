@@ -166,6 +166,9 @@ def test_a_wait_that_times_out_exits_3(stack, baidu, docs):
     make_batch(docs, 1)
     run = docpipe(stack, "submit", str(docs / "invoice-0000.pdf"), "-p", "baidu", "--wait", "--timeout", "2")
     assert run.returncode == 3, run.stdout + run.stderr
+    # What is still running is named as such, not counted in a summary of what was processed.
+    assert "timed out: 1 documents unfinished after 2s" in run.stderr, run.stderr
+    assert "processed" not in run.stdout, run.stdout
 
 
 def _scrape(url: str) -> dict[str, float]:
