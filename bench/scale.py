@@ -253,10 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=10_000, help="documents of the volume run, over the three providers")
     parser.add_argument("--workers", type=int, default=4, help="worker processes of the volume run (8 threads each)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="longest wait for the volume run to end")
+    parser.add_argument("--keep", type=Path, default=None, help="run in this directory and keep it (logs of every process)")
     args = parser.parse_args(argv)
     figures: dict[str, Any] = {"benchmark": "B5 scale"}
     with tempfile.TemporaryDirectory(prefix="docpipe-scale-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(tmp) if args.keep is None else args.keep
+        workdir.mkdir(parents=True, exist_ok=True)
         if "memory" in args.only:
             print("== memory: the largest documents through one worker", flush=True)
             rows = memory(workdir / "memory", args.idp_mb, args.baidu_mb)
