@@ -26,6 +26,11 @@ from moto.moto_server.werkzeug_app import create_backend_app
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "expect", "content-length"})
 
 
+# Where moto's request reads the original spelling of headers whose names hold "_"
+# (``moto.core.request.PRESERVED_HEADER_NAMES_ENVIRON_KEY``).
+_PRESERVED_NAMES = "moto.preserved_header_names"
+
+
 @dataclass(frozen=True)
 class WsgiAnswer:
     status: int
@@ -61,13 +66,27 @@ def wsgi_environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
     }
     if client := scope.get("client"):
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = client[0], str(client[1])
-    for raw_name, raw_value in scope["headers"]:
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        if name in _NOT_FORWARDED:
+    headers = [(raw_name.decode("latin-1"), raw_value.decode("latin-1")) for raw_name, raw_value in scope["headers"]]
+    dashed = {_environ_key(name) for name, _ in headers if "_" not in name}
+    spelled: dict[str, str] = {}
+    for name, value in headers:
+        if name.lower() in _NOT_FORWARDED:
             continue
-        key = "CONTENT_TYPE" if name == "content-type" else "HTTP_" + name.upper().replace("-", "_")
+        key = _environ_key(name)
+        if "_" in name:
+            # As moto's own server does: a name with "_" could pass for its dashed twin, so it is
+            # dropped, except S3 metadata (x-amz-meta-my_key), which keeps its spelling.
+            if not name.lower().startswith("x-amz-meta-") or key in dashed:
+                continue
+            spelled.setdefault(key, name)
         environ[key] = f"{environ[key]},{value}" if key in environ else value
+    environ[_PRESERVED_NAMES] = spelled
     return environ
+
+
+def _environ_key(name: str) -> str:
+    key = name.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
 
 
 def call_wsgi(app: Callable[..., Iterable[bytes]], environ: dict[str, Any]) -> WsgiAnswer:

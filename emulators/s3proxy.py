@@ -26,6 +26,7 @@ client's reading of the protocol could never catch its mistakes.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -49,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulators import REFEREE_SERVER
-from emulators.moto_wsgi import MotoS3
+from emulators.moto_wsgi import MotoS3, WsgiAnswer
 
 log = logging.getLogger("emulators.s3proxy")
 
@@ -374,11 +375,25 @@ class WriteCounts:
         return found
 
 
+class PayloadMismatch(Exception):
+    """The body's SHA-256 is not the one the client signed."""
+
+    def __init__(self, declared: str, computed: str) -> None:
+        super().__init__(declared)
+        self.declared, self.computed = declared, computed
+
+
+# Requests whose bodies are held at once (each is read whole before moto sees it): bounded, so
+# that sixteen uploaders of 8 MB parts and more cannot pile their bodies up in this process.
+MAX_IN_MOTO = 16
+
+
 class S3Proxy:
     """The routes and state of one front: verifier, moto's S3 behind it, faults and counters."""
 
     def __init__(self, credentials: dict[str, str], region: str = "us-east-1") -> None:
         self.moto = MotoS3()
+        self.in_moto = asyncio.Semaphore(MAX_IN_MOTO)
         self.verifier = SigV4Verifier(dict(credentials), region)
         self.faults = Faults()
         self.counts: Counter[str] = Counter()
@@ -462,23 +477,24 @@ class S3Proxy:
     async def _forward(self, request: Request, raw_path: bytes, raw_query: bytes, verified: Verified) -> Response:
         """Hand the request to moto once its body is known to be the one the client signed:
         moto never stores what S3 would have refused (XAmzContentSHA256Mismatch)."""
-        try:
-            body = await request.body()
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is listening any more
-        if verified.payload_sha256 and (computed := hashlib.sha256(body).hexdigest()) != verified.payload_sha256:
-            self.counts["refused_signature"] += 1
-            self.refusals["XAmzContentSHA256Mismatch"] += 1
-            return S3Error(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not "
-                           "match what was computed.", ClientComputedContentSHA256=verified.payload_sha256,
-                           S3ComputedContentSHA256=computed).response(request.method)
-        try:
-            # In a thread, as werkzeug's threaded server ran it: a large object's copy does not hold the loop.
-            answer = await run_in_threadpool(self.moto, request.scope, body)
-        except Exception as exc:  # moto's own failure: S3's 500, and the front stays up
-            self.counts["moto_errors"] += 1
-            log.warning("moto failed on %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
-            return S3Error(500, "InternalError", "We encountered an internal error. Please try again.").response(request.method)
+        async with self.in_moto:  # bodies are read whole: a bounded number of them at once
+            try:
+                body = await request.body()
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody is listening any more
+            try:
+                # In a thread, as werkzeug's threaded server ran moto: a large body's hash and copy do not hold the loop.
+                answer = await run_in_threadpool(self._checked_call, request.scope, body, verified.payload_sha256)
+            except PayloadMismatch as mismatch:
+                self.counts["refused_signature"] += 1
+                self.refusals["XAmzContentSHA256Mismatch"] += 1
+                return S3Error(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not "
+                               "match what was computed.", ClientComputedContentSHA256=mismatch.declared,
+                               S3ComputedContentSHA256=mismatch.computed).response(request.method)
+            except Exception as exc:  # moto's own failure: S3's 500, and the front stays up
+                self.counts["moto_errors"] += 1
+                log.warning("moto failed on %s %s: %r", request.method, raw_path.decode("latin-1"), exc)
+                return S3Error(500, "InternalError", "We encountered an internal error. Please try again.").response(request.method)
         self.counts["forwarded"] += 1
         self.operations[_operation(request.method, raw_path, raw_query)] += 1
         # S3 has committed a write once it answers 2xx (a 412 to a conditional PUT wrote nothing).
@@ -489,7 +505,14 @@ class S3Proxy:
         response.raw_headers = [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers if k.lower() not in HOP_BY_HOP
         ]
+        if not any(name == b"date" for name, _ in response.raw_headers):  # werkzeug's server added it; S3 sends one
+            response.raw_headers.append((b"date", formatdate(usegmt=True).encode("latin-1")))
         return response
+
+    def _checked_call(self, scope: dict[str, Any], body: bytes, declared: str | None) -> WsgiAnswer:
+        if declared and (computed := hashlib.sha256(body).hexdigest()) != declared:
+            raise PayloadMismatch(declared, computed)
+        return self.moto(scope, body)
 
 
 def create_app(
@@ -522,8 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(args.access_key, args.secret_key, args.region)
+    # No Date/Server of uvicorn's: moto's answers carry S3's (see ``_forward``), refusals their own.
     uvicorn.run(app, host=args.listen_host, port=args.listen_port, log_level="warning", access_log=False,
-                server_header=False, **REFEREE_SERVER)
+                date_header=False, server_header=False, **REFEREE_SERVER)
 
 
 if __name__ == "__main__":
