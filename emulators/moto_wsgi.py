@@ -21,9 +21,14 @@ from typing import Any
 
 from moto.moto_server.werkzeug_app import create_backend_app
 
-# Headers about one connection or one framing of the body, never about the request: the body
-# arrives here whole, so its length is the one moto is told.
-_NOT_FORWARDED = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "expect", "content-length"})
+# Hop-by-hop headers belong to one connection, never to the message handed on (either way).
+# Expect is here because uvicorn has already answered "100 Continue" to the client.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "expect"}
+)
+# The body arrives here whole: its length is the one moto is told, not the client's framing.
+_NOT_FORWARDED = HOP_BY_HOP | {"content-length"}
 
 
 # Where moto's request reads the original spelling of headers whose names hold "_"
@@ -70,7 +75,7 @@ def wsgi_environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
     dashed = {_environ_key(name) for name, _ in headers if "_" not in name}
     spelled: dict[str, str] = {}
     for name, value in headers:
-        if name.lower() in _NOT_FORWARDED:
+        if name in _NOT_FORWARDED:  # ASGI names are lower-case
             continue
         key = _environ_key(name)
         if "_" in name:

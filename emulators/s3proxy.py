@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulators import REFEREE_SERVER
-from emulators.moto_wsgi import MotoS3, WsgiAnswer
+from emulators.moto_wsgi import HOP_BY_HOP, MotoS3, WsgiAnswer
 
 log = logging.getLogger("emulators.s3proxy")
 
@@ -59,12 +59,6 @@ UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MAX_SKEW_SECONDS = 15 * 60  # S3's RequestTimeTooSkewed threshold
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # S3 refuses X-Amz-Expires above a week
-# Hop-by-hop headers belong to one connection, never to the forwarded message. Expect is
-# here because uvicorn has already answered "100 Continue" to the client.
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-     "transfer-encoding", "upgrade", "expect"}
-)
 FAULT_MODES = ("ok", "slowdown", "error500")
 # Object keys whose writes are counted; past it new keys are only counted as untracked (a
 # key and its count take ~200 bytes: 50 MB at most).
