@@ -36,6 +36,19 @@ _NOT_FORWARDED = HOP_BY_HOP | {"content-length"}
 _PRESERVED_NAMES = "moto.preserved_header_names"
 
 
+# moto's own control pages (its dashboard, its reset): not S3, and not signed.
+CONTROL_PREFIX = b"/moto-api/"
+
+
+def target_path(scope: dict[str, Any]) -> bytes:
+    """The request's path as the client sent it, still percent-encoded (S3 keys are read from it)."""
+    return scope.get("raw_path") or scope["path"].encode()
+
+
+def is_control(raw_path: bytes) -> bool:
+    return raw_path.startswith(CONTROL_PREFIX)
+
+
 @dataclass(frozen=True)
 class WsgiAnswer:
     status: int
@@ -45,7 +58,7 @@ class WsgiAnswer:
 
 def wsgi_environ(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
     """The PEP 3333 environ for an ASGI HTTP ``scope`` whose body has been read whole."""
-    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    raw_path = target_path(scope)
     query: bytes = scope.get("query_string", b"")
     target = (raw_path + (b"?" + query if query else b"")).decode("latin-1")
     host, port = scope.get("server") or ("127.0.0.1", 80)
@@ -128,5 +141,4 @@ class MotoS3:
             return self._apps[service]
 
     def __call__(self, scope: dict[str, Any], body: bytes) -> WsgiAnswer:
-        control = (scope.get("raw_path") or scope["path"].encode()).startswith(b"/moto-api")
-        return call_wsgi(self._app("moto_api" if control else "s3"), wsgi_environ(scope, body))
+        return call_wsgi(self._app("moto_api" if is_control(target_path(scope)) else "s3"), wsgi_environ(scope, body))

@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulators import REFEREE_SERVER
-from emulators.moto_wsgi import HOP_BY_HOP, MotoS3, WsgiAnswer
+from emulators.moto_wsgi import HOP_BY_HOP, MotoS3, WsgiAnswer, is_control, target_path
 
 log = logging.getLogger("emulators.s3proxy")
 
@@ -340,7 +340,7 @@ def written_key(method: str, raw_path: bytes, raw_query: bytes) -> tuple[str, st
     if (method, names) not in (("PUT", set()), ("POST", {"uploadId"})):
         return None
     bucket, _, key = unquote_to_bytes(raw_path).decode("utf-8", "replace").lstrip("/").partition("/")
-    if not bucket or not key or bucket == "moto-api":
+    if not bucket or not key or is_control(raw_path):
         return None
     return bucket, key
 
@@ -440,10 +440,10 @@ class S3Proxy:
         headers: dict[str, list[str]] = {}
         for raw_name, raw_value in request.scope["headers"]:
             headers.setdefault(raw_name.decode("latin-1").lower(), []).append(raw_value.decode("latin-1"))
-        raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+        raw_path = target_path(request.scope)
         raw_query: bytes = request.scope.get("query_string", b"")
         # moto's own control API is not S3 and carries no signature; CORS preflights are unsigned on S3.
-        if raw_path.startswith(b"/moto-api/") or method == "OPTIONS":
+        if is_control(raw_path) or method == "OPTIONS":
             verified = Verified("")
         else:
             try:
