@@ -115,7 +115,13 @@ def dispatch(firsts: list[tuple[dict[str, Any], str]], *, publish: Publish) -> i
     Not fenced and need not be: each message id is the one its job's record names, so a copy
     published twice (this message delivered again after a worker died midway) is claimed once
     and dropped as stale or busy the other time. A dispatch lost altogether leaves records
-    whose message never comes: the reconciler re-drives them once their queue is empty."""
+    whose message never comes: the reconciler re-drives them once they are overdue and their
+    lane is empty or was read past them.
+
+    They are due from now, not from their start: the dispatch message may have waited its turn
+    for minutes, and until now nothing could read them from their lane."""
+    ledger = get_runtime().ledger
+    through_outage(lambda: ledger.resent([(payload["job_id"], msg) for payload, msg in firsts]), f"dispatch of {len(firsts)}")
     for payload, msg in firsts:
         through_outage(lambda: publish("stage", payload, msg, 0.0), f"dispatch {msg}")  # noqa: B023 - called at once
     return len(firsts)

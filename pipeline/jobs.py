@@ -34,6 +34,10 @@ RECORD_TTL = 7 * 24 * 3600
 ACTIVE = "docpipe:active"
 WORKER_PREFIX = "docpipe:worker:"
 HELD_PREFIX = "docpipe:held:"
+# Per queue lane (a provider's queue at one priority: one Redis list, first in first out), the
+# send time of the latest message a worker received from it (``workers.transport``): a message
+# sent well before that mark left its list too, so one nobody claimed or holds was lost.
+RECEIVED = "docpipe:received"
 FINAL_STATES = ("done", "failed", "cancelled")
 STATES = "docpipe:states"  # every job by state (as the scripts below move them), for the metrics
 FAILURES = "docpipe:failures"  # failed jobs by stage:code[:provider code]
@@ -55,6 +59,17 @@ def key(job_id: str) -> str:
 
 def held_key(holder: str) -> str:
     return f"{HELD_PREFIX}{holder}"
+
+
+def lane(provider: str, priority: int) -> str:
+    """The Redis list holding a provider's messages of one priority, as kombu names it
+    (``priority_steps`` 0-9, separator ``:``; priority 0 is the queue's own name)."""
+    return f"docpipe.{provider}" if priority == 0 else f"docpipe.{provider}:{priority}"
+
+
+def sent_headers(provider: str, priority: int) -> dict[str, Any]:
+    """The headers every docpipe message carries for ``RECEIVED``: its lane and when it was sent."""
+    return {"docpipe_lane": lane(provider, priority), "docpipe_sent": round(time.time(), 3)}
 
 
 def record(client: redis.Redis, job_id: str, **fields: Any) -> None:
@@ -256,8 +271,10 @@ return 1
 
 
 # KEYS: record, active. ARGV: expected msg, new msg, now, grace, job_id, and a step the job must
-# be waiting at, held by no worker ('' for any step, held or not: a dead worker's).
-# Hands a job's step to a new message; returns its step and payload to publish.
+# be waiting at, held by no worker ('' for any step, held or not: a dead worker's), and '1' when
+# the new message goes ahead of its stage's fresh ones (the reconciler's: ``stages.priority``).
+# Hands a job's step to a new message; returns its step and payload to publish. The record
+# remembers which message went ahead (``ahead``): the reconciler reads its lane from it.
 _REDRIVE = """
 local f = redis.call('HMGET', KEYS[1], 'msg', 'step', 'payload', 'holder')
 local step, payload = f[2], f[3]
@@ -269,8 +286,36 @@ if ARGV[6] ~= '' and (step ~= ARGV[6] or (f[4] and f[4] ~= '')) then
 end
 redis.call('HSET', KEYS[1], 'msg', ARGV[2], 'holder', '', 'due', ARGV[3], 'updated_at', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'redriven', 1)
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'ahead', ARGV[2])
+end
 redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 return {step, payload}
+"""
+
+# KEYS: record, active. ARGV: msg, now, grace, job_id.
+# The job's message, still unclaimed, is sent only now (a listing's first steps, fanned out
+# from their dispatch message minutes after their start): it is due from now.
+_RESENT = """
+local f = redis.call('HMGET', KEYS[1], 'msg', 'holder')
+if f[1] ~= ARGV[1] or (f[2] and f[2] ~= '') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'due', ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+
+# KEYS: record, active. ARGV: msg, when, job_id.
+# The reconciler found this unclaimed message waiting its turn: look at it again ``when``, unless
+# it moved meanwhile (claimed or handed on: its new deadline stands).
+_LOOK_LATER = """
+local f = redis.call('HMGET', KEYS[1], 'msg', 'holder')
+if f[1] ~= ARGV[1] or (f[2] and f[2] ~= '') then
+  return 0
+end
+redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[2]), ARGV[3])
+return 1
 """
 
 # KEYS: record, active. ARGV: job_id, now.
@@ -379,6 +424,8 @@ class JobLedger:
         self._advance = client.register_script(_ADVANCE)
         self._finish = client.register_script(_FINISH)
         self._redrive = client.register_script(_REDRIVE)
+        self._resent = client.register_script(_RESENT)
+        self._look_later = client.register_script(_LOOK_LATER)
         self._abandon = client.register_script(_ABANDON)
         self._unclaim = client.register_script(_UNCLAIM)
         self._cancel = client.register_script(_CANCEL)
@@ -474,13 +521,34 @@ class JobLedger:
         since (False: it runs)."""
         return bool(self._abandon(keys=[key(job_id), ACTIVE], args=[msg, job_id]))
 
-    def redrive(self, job_id: str, expected_msg: str, new_msg: str, *, waiting_at: str = "") -> tuple[str, dict[str, Any]] | None:
+    def redrive(
+        self, job_id: str, expected_msg: str, new_msg: str, *, waiting_at: str = "", ahead: bool = False
+    ) -> tuple[str, dict[str, Any]] | None:
         """Give a job's step to ``new_msg`` if ``expected_msg`` still owns it: (step, payload) to publish.
 
         A stuck job's (the reconciler's: its holder may be a dead worker); with ``waiting_at``, only
-        a job waiting at that step that no worker holds (a step running now is left to finish)."""
-        answer = self._redrive(keys=[key(job_id), ACTIVE], args=[expected_msg, new_msg, time.time(), self.grace, job_id, waiting_at])
+        a job waiting at that step that no worker holds (a step running now is left to finish).
+        ``ahead``: the new message is published ahead of its stage's fresh ones (the record says so)."""
+        args = [expected_msg, new_msg, time.time(), self.grace, job_id, waiting_at, int(ahead)]
+        answer = self._redrive(keys=[key(job_id), ACTIVE], args=args)
         if not answer:
             return None
         step, payload = (part.decode() if isinstance(part, bytes) else part for part in answer)
         return step, json.loads(payload)
+
+    def resent(self, sent: list[tuple[str, str]]) -> None:
+        """(job id, message id) each: these unclaimed messages are published only now, so they are
+        due from now; one round trip. A message that no longer owns its job is left alone."""
+        pipe = self._redis.pipeline(transaction=False)
+        now = time.time()
+        for job_id, msg in sent:
+            self._resent(keys=[key(job_id), ACTIVE], args=[msg, now, self.grace, job_id], client=pipe)
+        pipe.execute()
+
+    def look_later(self, waiting: list[tuple[str, str, float]]) -> None:
+        """(job id, message id, when) each: unclaimed messages waiting their turn, to be looked at
+        again ``when`` (the reconciler's); one round trip. One that moved meanwhile is left alone."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, msg, when in waiting:
+            self._look_later(keys=[key(job_id), ACTIVE], args=[msg, when, job_id], client=pipe)
+        pipe.execute()

@@ -15,10 +15,10 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from pipeline import driver, jobs
+from pipeline import driver, jobs, stages
 from pipeline.jobs import JobLedger
 from pipeline.models import Job
-from pipeline.reconcile import Reconciler
+from pipeline.reconcile import Lane, Reconciler, look_again_in
 from pipeline.runtime import get_runtime, reset_runtime
 
 
@@ -175,15 +175,85 @@ def test_the_reconciler_re_drives_a_dead_holders_jobs_and_lost_messages_but_not_
         job = job.model_copy(update={"provider": provider})
         ledger.start(job.job_id, f"m-{job.job_id}", "await", job.model_dump(mode="json"), provider=provider)
     client.sadd(jobs.held_key("dead:9"), f"{held.job_id} m-{held.job_id}")  # received by a worker that then died
-    client.lpush("docpipe.baidu:2", "a message waiting its turn")  # nobody consumes this database
+    client.lpush(jobs.lane("baidu", stages.priority("await")), "a message waiting its turn")  # nobody consumes this database
     time.sleep(ledger.grace + 0.1)  # all three are overdue now
     done = reconciler.run_once()
     redriven = {job_id for job_id, _ in done.redriven}
     assert held.job_id in redriven and lost.job_id in redriven and waiting.job_id not in redriven
+    assert client.zscore(jobs.ACTIVE, waiting.job_id) >= time.time() + ledger.grace - 0.5  # looked at again later, not every pass
     assert {p["job_id"] for _, p, _ in published} == {held.job_id, lost.job_id}
     for step, payload, msg in published:
         assert step == "await" and jobs.read(client, payload["job_id"])["msg"] == msg
         assert ledger.claim(payload["job_id"], f"m-{payload['job_id']}", "late:1") == "stale"  # the old copy is dead
+
+
+def _waiting(ledger: JobLedger, provider: str, step: str, *, late: float) -> tuple[Job, str]:
+    """A job whose unclaimed message has been due for ``late`` seconds (as if it waited that long)."""
+    job = _job().model_copy(update={"provider": provider})
+    msg = f"m-{job.job_id}"
+    ledger.start(job.job_id, msg, step, job.model_dump(mode="json"), provider=provider)
+    due = time.time() - late
+    get_runtime().redis.hset(jobs.key(job.job_id), "due", due)
+    get_runtime().redis.zadd(jobs.ACTIVE, {job.job_id: due + ledger.grace})
+    return job, msg
+
+
+def test_a_message_waiting_its_turn_is_not_taken_for_lost_however_long_it_waits(ledger):
+    """A backlog of a million documents waits for days: its messages are not lost, and re-sending
+    them every ``backlog_grace`` re-published the whole backlog again and again."""
+    client = get_runtime().redis
+    published: list[tuple[str, dict, str]] = []
+    reconciler = Reconciler(client, ledger, lambda step, payload, msg, countdown: published.append((step, payload, msg)), backlog_grace=60)
+    job, msg = _waiting(ledger, "baidu", "stage", late=3600)  # an hour behind the queue, 60 times backlog_grace
+    its_lane = jobs.lane("baidu", stages.priority("stage"))
+    client.lpush(its_lane, "the backlog ahead of it")
+    client.zadd(jobs.RECEIVED, {its_lane: time.time() - 3600 - 0.5})  # read up to messages sent before it
+    assert reconciler.run_once().redriven == []
+    assert client.zscore(jobs.ACTIVE, job.job_id) >= time.time() + 60 - 1  # looked at again in backlog_grace
+    assert jobs.read(client, job.job_id)["msg"] == msg
+
+    client.zadd(jobs.ACTIVE, {job.job_id: time.time() - 1})  # the next look is due
+    client.zadd(jobs.RECEIVED, {its_lane: time.time() - 5})  # a worker received a message sent long after it
+    assert reconciler.run_once().redriven == [(job.job_id, "message lost")]
+    (step, payload, new_msg), = published
+    record = jobs.read(client, job.job_id)
+    assert step == "stage" and record["msg"] == new_msg and record["ahead"] == new_msg  # it went one lane ahead
+
+    # Its new message is in the lane ahead, which nobody has read past: it waits there, however
+    # far the lane it left was read.
+    client.lpush(jobs.lane("baidu", stages.priority("stage", redriven=True)), "another re-driven message")
+    since = time.time() - 3600
+    client.hset(jobs.key(job.job_id), "due", since)
+    client.zadd(jobs.ACTIVE, {job.job_id: since + ledger.grace})
+    client.zadd(jobs.RECEIVED, {its_lane: time.time()})
+    assert reconciler.run_once().redriven == []
+
+
+def test_the_looks_at_a_waiting_message_space_out_as_it_waits():
+    assert look_again_in(0.5, grace=30, longest=600) == 30
+    assert [look_again_in(late, grace=30, longest=600) for late in (30, 60, 120, 240, 480, 960)] == [30, 60, 120, 240, 480, 600]
+    assert Lane(0, None).passed(due=100.0, grace=30)  # an empty lane holds nothing
+    assert not Lane(5, None).passed(due=100.0, grace=30)  # never read since Redis started: waiting
+    assert not Lane(5, 120.0).passed(due=100.0, grace=30) and Lane(5, 131.0).passed(due=100.0, grace=30)
+
+
+def test_a_listings_jobs_are_due_from_when_their_dispatch_publishes_them(ledger):
+    """A dispatch message may wait its turn for minutes: the first steps it fans out are sent only
+    then, and are not overdue the moment they are."""
+    client = get_runtime().redis
+    listed = [_job() for _ in range(3)]
+    starts = [(job.job_id, f"m-{job.job_id}", "stage", job.model_dump(mode="json"), {"provider": "idp"}) for job in listed]
+    assert get_runtime().ledger.start_many(starts) == [1, 1, 1]
+    for job in listed:
+        client.hset(jobs.key(job.job_id), "due", time.time() - 900)
+        client.zadd(jobs.ACTIVE, {job.job_id: time.time() - 900})
+    published: list[str] = []
+    before = time.time()
+    driver.dispatch([(job.model_dump(mode="json"), f"m-{job.job_id}") for job in listed], publish=lambda step, payload, msg, countdown: published.append(msg))
+    assert published == [f"m-{job.job_id}" for job in listed]
+    for job in listed:
+        assert float(jobs.read(client, job.job_id)["due"]) >= before
+        assert client.zscore(jobs.ACTIVE, job.job_id) >= before + get_runtime().ledger.grace
 
 
 def test_a_submit_whose_job_was_handed_on_meanwhile_is_not_sent(ledger):

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Task
 
-from pipeline import driver, stages
+from pipeline import driver, jobs, stages
 from pipeline.liveness import holder_id
 from pipeline.models import document_label
 from pipeline.providers import provider_names
@@ -22,13 +22,15 @@ from workers.app import app
 def publish(step: str, payload: dict[str, Any], msg: str, countdown: float, *, redriven: bool = False) -> None:
     """Send a job's next message: the step's task on the provider's queue, later stages first."""
     provider = payload["provider"]
+    priority = stages.priority(step, redriven=redriven)
     app.send_task(
         f"docpipe.{provider}.{step}",
         args=(payload,),
         task_id=msg,
         queue=f"docpipe.{provider}",
-        priority=stages.priority(step, redriven=redriven),
+        priority=priority,
         countdown=countdown or None,
+        headers=jobs.sent_headers(provider, priority),
         **_shown_as(document_label(provider, payload["job_id"], payload.get("source", ""))),
     )
 
@@ -54,6 +56,7 @@ def publish_dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) ->
         args=(firsts,),
         queue=f"docpipe.{provider}",
         priority=stages.priority("stage"),
+        headers=jobs.sent_headers(provider, stages.priority("stage")),
         **_shown_as(f"{len(firsts)} {provider} documents from a listing"),
     )
 

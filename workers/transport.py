@@ -15,6 +15,8 @@ reconciler reads when a heartbeat stops) is written in the same round trip that 
 message as unacknowledged. Written apart, from Celery's ``task_received`` signal, it was one
 more blocking round trip of the consumer's event loop per message: with Redis 20 ms away the
 loop spent a sixth of its time there, and the worker's threads sat idle waiting for messages.
+The same round trip raises the mark of how far the message's lane has been read
+(``pipeline.jobs.RECEIVED``): the reconciler tells a lost message from one waiting its turn by it.
 
 And acknowledgements leave the loop: kombu deletes each finished message's unacked record in a
 blocking round trip from the event loop (a fifth of its time at 20 ms). Here they are batched
@@ -36,7 +38,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
-from pipeline.jobs import held_key
+from pipeline.jobs import RECEIVED, held_key
 from pipeline.liveness import holder_id
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,9 @@ class QoS(kombu_redis.QoS):
             pipe.hset(self.unacked_key, delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
             if note is not None:
                 pipe.sadd(held_key(holder_id()), note)
+            lane, sent = message.headers.get("docpipe_lane"), message.headers.get("docpipe_sent")
+            if lane and sent:  # how far its lane has been read (the reconciler's watermark)
+                pipe.zadd(RECEIVED, {lane: float(sent)}, gt=True)
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)
 
