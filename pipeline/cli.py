@@ -439,7 +439,11 @@ def callbacks(
 
     from pipeline.callbacks import create_app
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False)
+    # Idle connections stay open 75 s (nginx's default): far longer than a provider's client keeps
+    # one (httpx: 5 s), so that the client, not the receiver, closes it. At equal times a download
+    # sent as the receiver closed its connection failed, and tuputech fails a task whose document
+    # it could not fetch (code 14).
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=75)
 
 
 @app.command()

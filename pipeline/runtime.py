@@ -82,8 +82,16 @@ class Runtime:
         if self.http_client is None:
             with self._building:
                 if self.http_client is None:
-                    self.http_client = httpx.Client(timeout=self.settings.http_timeout, limits=httpx.Limits(max_connections=20))
+                    limits = httpx.Limits(max_connections=20, keepalive_expiry=PROVIDER_KEEPALIVE_S)
+                    self.http_client = httpx.Client(timeout=self.settings.http_timeout, limits=limits)
         return self.http_client
+
+
+# How long an idle connection to a provider is kept for the next request: under the 5 s after
+# which common servers close one (uvicorn's and Apache's default). At httpx's default, also 5 s,
+# a request sent on a connection just as the server closed it fails with a ReadError
+# (``python -m bench.keepalive``), and a submit that fails so is ``submit_outcome_unknown``.
+PROVIDER_KEEPALIVE_S = 4.0
 
 
 def redis_client(settings: Settings) -> redis.Redis:

@@ -216,3 +216,24 @@ def test_the_read_only_check_refuses_exactly_what_the_keeping_script_refuses(rec
     except CallbackRejected:
         by_script = False
     assert (by_reading, by_script) == (kept, kept)
+
+
+def test_the_receiver_keeps_an_idle_connection_open_longer_than_a_providers_client_does(receiver):
+    """A provider's client keeps an idle connection 5 s (httpx's default): were the receiver to
+    close it then too, a download sent at that moment would die with it (tuputech fails the task,
+    code 14). Here a connection idle for longer than that still answers."""
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", receiver.ports["callbacks"], timeout=10)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        time.sleep(5.5)  # the idle time itself is what is tested
+        conn.request("GET", "/health")  # on the same socket: a closed one fails here (RemoteDisconnected)
+        second = conn.getresponse()
+        second.read()
+        assert (first.status, second.status) == (200, 200) and conn.sock is sock
+    finally:
+        conn.close()
