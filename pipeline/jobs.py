@@ -293,28 +293,20 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
 return {step, payload}
 """
 
-# KEYS: record, active. ARGV: msg, now, grace, job_id.
-# The job's message, still unclaimed, is sent only now (a listing's first steps, fanned out
-# from their dispatch message minutes after their start): it is due from now.
-_RESENT = """
+# KEYS: record, active. ARGV: msg, job_id, deadline, due ('' to keep it).
+# Moves the deadline of an unclaimed message: the reconciler's next look at one waiting its turn,
+# or a message sent only now (a listing's first steps, fanned out from their dispatch message
+# minutes after their start), which is due from now. One that moved meanwhile (claimed or
+# handed on) keeps its own.
+_RESCHEDULE = """
 local f = redis.call('HMGET', KEYS[1], 'msg', 'holder')
 if f[1] ~= ARGV[1] or (f[2] and f[2] ~= '') then
   return 0
 end
-redis.call('HSET', KEYS[1], 'due', ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[4])
-return 1
-"""
-
-# KEYS: record, active. ARGV: msg, when, job_id.
-# The reconciler found this unclaimed message waiting its turn: look at it again ``when``, unless
-# it moved meanwhile (claimed or handed on: its new deadline stands).
-_LOOK_LATER = """
-local f = redis.call('HMGET', KEYS[1], 'msg', 'holder')
-if f[1] ~= ARGV[1] or (f[2] and f[2] ~= '') then
-  return 0
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'due', ARGV[4])
 end
-redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[2]), ARGV[3])
+redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[3]), ARGV[2])
 return 1
 """
 
@@ -424,8 +416,7 @@ class JobLedger:
         self._advance = client.register_script(_ADVANCE)
         self._finish = client.register_script(_FINISH)
         self._redrive = client.register_script(_REDRIVE)
-        self._resent = client.register_script(_RESENT)
-        self._look_later = client.register_script(_LOOK_LATER)
+        self._reschedule = client.register_script(_RESCHEDULE)
         self._abandon = client.register_script(_ABANDON)
         self._unclaim = client.register_script(_UNCLAIM)
         self._cancel = client.register_script(_CANCEL)
@@ -538,17 +529,17 @@ class JobLedger:
 
     def resent(self, sent: list[tuple[str, str]]) -> None:
         """(job id, message id) each: these unclaimed messages are published only now, so they are
-        due from now; one round trip. A message that no longer owns its job is left alone."""
-        pipe = self._redis.pipeline(transaction=False)
+        due from now. A message that no longer owns its job is left alone."""
         now = time.time()
-        for job_id, msg in sent:
-            self._resent(keys=[key(job_id), ACTIVE], args=[msg, now, self.grace, job_id], client=pipe)
-        pipe.execute()
+        self._reschedule_all([(job_id, msg, now + self.grace, str(now)) for job_id, msg in sent])
 
     def look_later(self, waiting: list[tuple[str, str, float]]) -> None:
         """(job id, message id, when) each: unclaimed messages waiting their turn, to be looked at
-        again ``when`` (the reconciler's); one round trip. One that moved meanwhile is left alone."""
-        pipe = self._redis.pipeline(transaction=False)
-        for job_id, msg, when in waiting:
-            self._look_later(keys=[key(job_id), ACTIVE], args=[msg, when, job_id], client=pipe)
+        again ``when`` (the reconciler's). One that moved meanwhile is left alone."""
+        self._reschedule_all([(job_id, msg, when, "") for job_id, msg, when in waiting])
+
+    def _reschedule_all(self, entries: list[tuple[str, str, float, str]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip for them all
+        for job_id, msg, deadline, due in entries:
+            self._reschedule(keys=[key(job_id), ACTIVE], args=[msg, job_id, deadline, due], client=pipe)
         pipe.execute()

@@ -51,12 +51,13 @@ def publish_redriven(step: str, payload: dict[str, Any], msg: str, countdown: fl
 
 def publish_dispatch(provider: str, firsts: list[tuple[dict[str, Any], str]]) -> None:
     """Send the first steps of many jobs as one message (``pipeline.enqueue.enqueue_listed``)."""
+    priority = stages.priority("stage")  # the lane of the first steps it carries
     app.send_task(
         f"docpipe.{provider}.dispatch",
         args=(firsts,),
         queue=f"docpipe.{provider}",
-        priority=stages.priority("stage"),
-        headers=jobs.sent_headers(provider, stages.priority("stage")),
+        priority=priority,
+        headers=jobs.sent_headers(provider, priority),
         **_shown_as(f"{len(firsts)} {provider} documents from a listing"),
     )
 
