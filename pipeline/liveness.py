@@ -18,7 +18,7 @@ from functools import cache
 
 import redis
 
-from pipeline.jobs import WORKER_PREFIX
+from pipeline.jobs import HOLDERS, WORKER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ class Heartbeat:
         return self
 
     def beat(self) -> None:
-        self._redis.set(self.key, str(time.time()), px=int(self.ttl * 1000))
+        """A worker's beat also (re)registers it among the holders the reconciler looks at: again at
+        every beat, since a worker taken for dead while it was only starved is removed there."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self.key, str(time.time()), px=int(self.ttl * 1000))
+        if self.key == f"{WORKER_PREFIX}{self.holder}":
+            pipe.sadd(HOLDERS, self.holder)
+        pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):

@@ -37,7 +37,7 @@ from typing import Any
 import redis
 
 from pipeline import stages
-from pipeline.jobs import ACTIVE, HELD_PREFIX, RECEIVED, WORKER_PREFIX, JobLedger, key, lane
+from pipeline.jobs import ACTIVE, HELD_PREFIX, HOLDERS, RECEIVED, WORKER_PREFIX, JobLedger, held_key, key, lane
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Reconciler:
         self._backlog_grace = backlog_grace
         self._page = page  # overdue jobs read per round trip ...
         self._pages = pages  # ... and at most this many rounds per pass
+        self._scanned = False  # the first pass also scans for held sets no heartbeat registered
 
     def run_once(self) -> Reconciled:
         done = Reconciled()
@@ -114,14 +115,21 @@ class Reconciler:
         log.warning("job %s re-driven at %s (%s)", job_id, step, reason)
 
     def _dead_holders(self, done: Reconciled) -> None:
-        for held in self._redis.scan_iter(f"{HELD_PREFIX}*", count=100):
-            holder = held.decode()[len(HELD_PREFIX) :]
+        """Hand on what every dead holder held. The holders are the registered ones (``HOLDERS``);
+        a process's first pass also scans the keyspace once, for held sets of workers that ran
+        before holders were registered."""
+        holders = {raw.decode() for raw in self._redis.smembers(HOLDERS)}
+        if not self._scanned:
+            holders |= {raw.decode()[len(HELD_PREFIX) :] for raw in self._redis.scan_iter(f"{HELD_PREFIX}*", count=1000)}
+            self._scanned = True
+        for holder in holders:
             if self._redis.exists(f"{WORKER_PREFIX}{holder}"):
                 continue
-            for member in self._redis.smembers(held):
+            for member in self._redis.smembers(held_key(holder)):
                 job_id, _, msg = member.decode().partition(" ")
                 self._redrive(job_id, msg, "worker died", done)
-            self._redis.delete(held)
+            self._redis.delete(held_key(holder))
+            self._redis.srem(HOLDERS, holder)
 
     def _overdue(self, done: Reconciled) -> None:
         now = time.time()
