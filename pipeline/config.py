@@ -85,14 +85,14 @@ class Settings(BaseSettings):
     )
     step_grace: float = Field(
         30.0,
-        description="Seconds a step's message may be overdue, unclaimed, before the reconciler sends it again if no "
-        "live worker holds it and its queue is empty or was read past it (it was lost).",
+        description="Seconds a step's message may be overdue, unclaimed, before the reconciler sends it again if its "
+        "queue is empty or was read past it (it was lost).",
     )
     step_stall: float = Field(600.0, description="Seconds a step may run under a live worker before it counts as stuck and is re-driven.")
     backlog_grace: float = Field(
         600.0,
         description="Longest time between two looks at an unclaimed step waiting its turn behind a queue backlog (never "
-        "taken for lost for waiting); also how long a live worker may hold a step past its due time without running it.",
+        "taken for lost for waiting).",
     )
     heartbeat_every: float = Field(3.0, description="Seconds between two heartbeats of a worker process.")
     heartbeat_ttl: float = Field(

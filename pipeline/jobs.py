@@ -40,7 +40,7 @@ HELD_PREFIX = "docpipe:held:"
 HOLDERS = "docpipe:holders"
 # Per queue lane (a provider's queue at one priority: one Redis list, first in first out), the
 # send time of the latest message a worker received from it (``workers.transport``): a message
-# sent well before that mark left its list too, so one nobody claimed or holds was lost.
+# sent well before that mark left its list too, so one nobody claimed was lost.
 RECEIVED = "docpipe:received"
 FINAL_STATES = ("done", "failed", "cancelled")
 STATES = "docpipe:states"  # every job by state (as the scripts below move them), for the metrics
